@@ -1,0 +1,99 @@
+"""``gaptrack.autolog()``: track every ``fit()`` without touching the training code.
+
+Like ``mlflow.keras.autolog()``, it patches ``keras.Model.fit``. Each call then
+gets a :class:`gaptrack.GapTracker` whose probe is the training data given to
+``fit`` (without the ``validation_split`` part) and whose batch size is ``fit``'s
+(Keras' default 32 for arrays; a dataset's own batches). A ``fit`` that already
+has a ``GapTracker`` among its callbacks is left as it is.
+
+``fit`` on an infinite dataset (``dataset.repeat()`` with ``steps_per_epoch``)
+has no finite training set to measure; unless a ``probe`` is given it fails
+before training starts, saying how to pass one.
+"""
+
+import functools
+import inspect
+
+import keras
+
+from gaptrack.callback import KERAS_DEFAULT_BATCH_SIZE, GapTracker
+from gaptrack.probe import ProbeError, _is_tf_dataset
+
+_original_fit = None
+_settings = {}
+
+
+def autolog(disable=False, *, probe=None, probe_size=None, every=1, seed=0,
+            bn_snapshots=True):
+    """Track every ``keras.Model.fit`` call with a :class:`GapTracker`.
+
+    Args:
+        disable: ``True`` restores the original ``fit``.
+        probe: data to measure on instead of ``fit``'s training data (needed for
+            infinite datasets): anything :class:`GapTracker` accepts as ``data``.
+        probe_size, every, seed, bn_snapshots: as for :class:`GapTracker`.
+
+    Example:
+        >>> import gaptrack
+        >>> gaptrack.autolog()
+        >>> model.fit(x, y, epochs=5)           # tracked in the active MLflow run
+        >>> gaptrack.autolog(disable=True)
+    """
+    global _original_fit
+    if disable:
+        if _original_fit is not None:
+            keras.Model.fit = _original_fit
+            _original_fit = None
+        return
+    _settings.clear()
+    _settings.update(probe=probe, probe_size=probe_size, every=every, seed=seed,
+                     bn_snapshots=bn_snapshots)
+    if _original_fit is not None:
+        return
+    original = keras.Model.fit
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def fit(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        callbacks = list(arguments.get("callbacks") or [])
+        if not any(isinstance(c, GapTracker) for c in callbacks):
+            callbacks.append(_tracker_for(arguments))
+            arguments["callbacks"] = callbacks
+        return original(*bound.args, **bound.kwargs)
+
+    keras.Model.fit = fit
+    _original_fit = original
+
+
+def _tracker_for(arguments):
+    """A GapTracker for one ``fit`` call's arguments."""
+    x = arguments.get("x")
+    options = dict(_settings)
+    probe = options.pop("probe")
+    batch_size = arguments.get("batch_size")
+    if probe is not None:
+        data = probe
+    elif _is_tf_dataset(x):
+        import tensorflow as tf
+
+        if int(x.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+            raise ProbeError(
+                "gaptrack.autolog: fit() was given an infinite tf.data.Dataset "
+                f"(steps_per_epoch={arguments.get('steps_per_epoch')}), which has no finite "
+                "training set to measure; pass a probe, e.g. "
+                "gaptrack.autolog(probe=dataset.take(64))"
+            )
+        data = x
+    else:
+        data = (x, arguments.get("y"), arguments.get("sample_weight"))
+        if data[2] is None:
+            data = data[:2]
+        split = arguments.get("validation_split") or 0.0
+        if split and arguments.get("validation_data") is None:
+            from keras.src.trainers.data_adapters.array_slicing import train_validation_split
+
+            data, _ = train_validation_split(data, validation_split=split)
+        batch_size = batch_size or KERAS_DEFAULT_BATCH_SIZE
+    return GapTracker(data, batch_size=batch_size, **options)

@@ -1,0 +1,186 @@
+"""BatchNormalization layers: finding them, watching their inputs, and how stale
+their moving statistics are.
+
+In training, a BN layer normalises with the mean and variance of the current
+batch and moves ``moving_mean``/``moving_variance`` towards them by
+``(1 - momentum)`` per step. In inference (``evaluate()``, ``predict()``) it
+normalises with the moving statistics. When those lag behind the statistics of
+the data the layer actually sees (few steps, momentum close to 1, weights that
+move fast), ``evaluate()`` on the training data looks worse than ``fit()``.
+
+**Population statistics** (PreciseBN, Wu & Johnson 2021, as in fvcore's
+``precise_bn.py``): the probe is run through the model in training mode, in
+batches of the training batch size ``B``; for batch ``k`` of ``n_k`` samples the
+layer input's per-channel mean ``mu_k`` and variance ``s2_k`` are taken exactly
+as the layer takes them in training (Keras: the biased variance, divided by the
+number of elements, no Bessel correction). The population statistics are the
+batch-size-weighted means::
+
+    mean = sum_k n_k * mu_k / sum_k n_k        var = sum_k n_k * s2_k / sum_k n_k
+
+which is what the moving averages would converge to if the weights stopped
+moving. (``var`` is the mean within-batch variance, not the variance of the whole
+probe: it is what the layer saw in training at batch size ``B``.)
+
+**Staleness**, per layer, both scale-free (unchanged if the layer's input is
+multiplied by a constant)::
+
+    mean_lag = mean over channels |moving_mean - mean| / sqrt(var + epsilon)
+    var_lag  = mean over channels |log(moving_variance + epsilon) - log(var + epsilon)|
+
+``mean_lag`` is the shift, in population standard deviations, that inference
+applies wrongly; ``var_lag`` is the log-ratio of the scales (0.69 is a factor 2).
+
+A layer **trains** when a training-mode call uses its batch statistics: Keras 3
+does so when the layer is ``trainable`` and is called with ``training=True``. A
+frozen layer (``trainable=False``) or one called with ``training=False`` inside
+the model (``base(x, training=False)``, the transfer-learning idiom) always uses
+its moving statistics; it is listed and flagged, never recalibrated.
+"""
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Characters MLflow accepts in a metric key besides letters and digits.
+_KEY_INVALID = re.compile(r"[^A-Za-z0-9_\-./: ]")
+
+
+@dataclass(eq=False)
+class BNLayer:
+    """One BatchNormalization layer of a model, keyed by object.
+
+    Attributes:
+        layer: the Keras layer itself.
+        path: unique, stable display path (``outer/inner/bn``); sibling layers
+            with one name (two copies of a nested model) get ``name:2``, ``:3``...
+        key: ``path`` made into a valid MLflow key fragment, unique in the model.
+    """
+
+    layer: object
+    path: str
+    key: str
+
+
+def _children(layer):
+    if hasattr(layer, "layers"):
+        return list(layer.layers)
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def find_bn_layers(model):
+    """Every BatchNormalization layer of ``model``, nested models included.
+
+    Walks sub-layers depth first in their order in the model. A layer object
+    shared by two parents is listed once, under the first path it is reached by.
+    ``BatchNormalization(synchronized=True)`` counts; LayerNormalization and
+    GroupNormalization do not.
+
+    Example:
+        >>> [bn.path for bn in find_bn_layers(model)]
+        ['features/block1_bn', 'features:2/block1_bn', 'head_bn']
+    """
+    from keras import layers
+
+    found, seen, keys = [], set(), set()
+
+    def walk(layer, prefix):
+        names = {}
+        for child in _children(layer):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            count = names[child.name] = names.get(child.name, 0) + 1
+            name = child.name if count == 1 else f"{child.name}:{count}"
+            path = f"{prefix}{name}"
+            if isinstance(child, layers.BatchNormalization):
+                found.append(BNLayer(child, path, _unique_key(path, keys)))
+            walk(child, path + "/")
+
+    walk(model, "")
+    return found
+
+
+def _unique_key(path, taken):
+    key = _KEY_INVALID.sub("_", path)
+    key = re.sub(r"/{2,}", "/", key).strip("/") or "_"
+    key = key.replace("..", "._")
+    candidate, n = key, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{key}:{n}"
+    taken.add(candidate)
+    return candidate
+
+
+@contextlib.contextmanager
+def watch_inputs(bn_layers):
+    """Record, while tracing, each layer's batch moments and whether it trains.
+
+    Inside the block every listed layer's ``call`` is wrapped; each call stores
+    ``(trains, mean, variance, n)`` in the returned dict under the layer's
+    ``id``: the moments of the layer's input computed exactly as the layer
+    computes them in training (``layer._moments``), and the number of samples.
+    Meant for use around a traced function: the tensors belong to its graph.
+    """
+    from keras import ops
+
+    record = {}
+    for bn in bn_layers:
+        layer = bn.layer
+
+        def call(inputs, training=None, mask=None, _layer=layer, _call=layer.call):
+            x = ops.cast(inputs, "float32")
+            mean, var = _layer._moments(x, mask)
+            record[id(_layer)] = (
+                bool(training) and _layer.trainable,
+                ops.reshape(mean, (-1,)),
+                ops.reshape(var, (-1,)),
+                ops.cast(ops.shape(inputs)[0], "float32"),
+            )
+            return _call(inputs, training=training, mask=mask)
+
+        layer.call = call
+    try:
+        yield record
+    finally:
+        for bn in bn_layers:
+            # Removes the instance attribute, so the class's ``call`` is back.
+            object.__delattr__(bn.layer, "call")
+
+
+def staleness(moving_mean, moving_variance, mean, variance, epsilon):
+    """``(mean_lag, var_lag)`` of one layer; see the module docstring."""
+    moving_mean, moving_variance, mean, variance = (
+        np.asarray(a, dtype=np.float64) for a in (moving_mean, moving_variance, mean, variance)
+    )
+    mean_lag = np.mean(np.abs(moving_mean - mean) / np.sqrt(variance + epsilon))
+    var_lag = np.mean(np.abs(np.log(moving_variance + epsilon) - np.log(variance + epsilon)))
+    return float(mean_lag), float(var_lag)
+
+
+@dataclass(eq=False)
+class BNStatistics:
+    """One BN layer's state and its population statistics on the probe.
+
+    Arrays are per channel (flattened when the layer normalises over several
+    axes). ``gamma``/``beta`` are ``None`` when the layer has no scale/offset.
+    """
+
+    path: str
+    key: str
+    trains: bool
+    moving_mean: np.ndarray
+    moving_variance: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    gamma: object
+    beta: object
+    epsilon: float
+
+    @property
+    def lag(self):
+        return staleness(self.moving_mean, self.moving_variance, self.mean, self.variance,
+                         self.epsilon)

@@ -1,0 +1,204 @@
+"""The probe: the fixed piece of training data every measurement runs on.
+
+``evaluate()`` on the training data, the training-mode re-measurement and the
+PreciseBN statistics all need the same samples, epoch after epoch, or their
+differences would be sampling noise. A :class:`Probe` is those samples, held as
+numpy arrays (referenced, not copied, when the whole of an in-memory training set
+is the probe), with the number of samples the training data had.
+
+Which samples:
+
+- numpy data (``(x, y)`` or ``(x, y, sample_weight)``; ``x`` and ``y`` may be
+  lists or dicts of arrays for multi-input/-output models): all of it when it has
+  at most ``probe_size`` samples, otherwise a seeded sample of ``probe_size``
+  rows without replacement, kept in their original order;
+- a finite ``tf.data.Dataset`` of batches: all of it, or a seeded uniform sample
+  (reservoir sampling, one pass, memory ``O(probe_size)``) when larger;
+- a dataset of unknown cardinality: its first ``probe_size`` samples (reading
+  on could never end);
+- an infinite dataset: an error, since no sample of it is the training set. Pass
+  a finite one, e.g. ``dataset.take(n_batches)``, which is read once and kept.
+"""
+
+import warnings
+
+import numpy as np
+
+#: Samples measured by default. PreciseBN needs 10^3-10^4 samples for stable
+#: population statistics; larger training sets are sampled down to this.
+DEFAULT_PROBE_SIZE = 10_000
+
+
+class ProbeError(ValueError):
+    """The data cannot serve as a probe; the message says what would."""
+
+
+def _tree():
+    from keras import tree
+
+    return tree
+
+
+def _unpack(element):
+    """``(x, y[, sample_weight])`` from a tuple, as Keras' ``fit`` reads it."""
+    if isinstance(element, (tuple, list)) and 2 <= len(element) <= 3:
+        x, y = element[0], element[1]
+        sw = element[2] if len(element) == 3 else None
+        if y is not None:
+            return x, y, sw
+    raise ProbeError(
+        "probe data must be (x, y) or (x, y, sample_weight) with targets, "
+        f"got {type(element).__name__}"
+        + (f" of length {len(element)}" if isinstance(element, (tuple, list)) else "")
+    )
+
+
+def _num_samples(structure):
+    leaves = [a for a in _tree().flatten(structure) if a is not None]
+    if not leaves:
+        raise ProbeError("probe data has no arrays")
+    sizes = {int(np.shape(a)[0]) for a in leaves}
+    if len(sizes) != 1:
+        raise ProbeError(f"probe arrays have different numbers of samples: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _take(structure, index):
+    return _tree().map_structure(lambda a: None if a is None else a[index], structure)
+
+
+def _check_size(probe_size):
+    if probe_size is None:
+        return DEFAULT_PROBE_SIZE
+    if isinstance(probe_size, bool) or not isinstance(probe_size, (int, np.integer)):
+        raise ProbeError(f"probe_size must be a positive integer, got {probe_size!r}")
+    if probe_size <= 0:
+        raise ProbeError(f"probe_size must be > 0, got {probe_size}")
+    return int(probe_size)
+
+
+class Probe:
+    """Fixed training samples to measure on.
+
+    Args:
+        x, y, sample_weight: numpy arrays (or nested lists/dicts of them).
+        total: number of samples of the training data the probe was drawn from,
+            or ``None`` when unknown.
+        dataset_batch_size: the batch size of the ``tf.data.Dataset`` the probe
+            was read from (its first batch), else ``None``.
+
+    Example:
+        >>> probe = Probe.from_data((x_train, y_train), probe_size=2000, seed=0)
+        >>> probe.size, probe.total
+        (2000, 60000)
+    """
+
+    def __init__(self, x, y, sample_weight=None, total=None, dataset_batch_size=None):
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.size = _num_samples((x, y, sample_weight))
+        if self.size == 0:
+            raise ProbeError("probe data is empty (0 samples)")
+        self.total = total
+        self.dataset_batch_size = dataset_batch_size
+
+    @classmethod
+    def from_data(cls, data, probe_size=None, seed=0):
+        """Build a probe from training data (see the module docstring).
+
+        Args:
+            data: a :class:`Probe`, ``(x, y)``, ``(x, y, sample_weight)`` or a
+                ``tf.data.Dataset`` of such batches.
+            probe_size: at most this many samples (default
+                :data:`DEFAULT_PROBE_SIZE`).
+            seed: seed of the sample drawn from larger data.
+        """
+        if isinstance(data, Probe):
+            return data
+        probe_size = _check_size(probe_size)
+        if _is_tf_dataset(data):
+            return cls._from_dataset(data, probe_size, seed)
+        x, y, sw = _unpack(data)
+        x, y, sw = _tree().map_structure(
+            lambda a: a if a is None or isinstance(a, np.ndarray) else np.asarray(a), (x, y, sw)
+        )
+        total = _num_samples((x, y, sw))
+        if total > probe_size:
+            rng = np.random.default_rng(seed)
+            index = np.sort(rng.choice(total, size=probe_size, replace=False))
+            x, y, sw = _take((x, y, sw), index)
+        return cls(x, y, sw, total=total)
+
+    @classmethod
+    def _from_dataset(cls, dataset, probe_size, seed):
+        import tensorflow as tf
+
+        cardinality = int(dataset.cardinality())
+        if cardinality == int(tf.data.INFINITE_CARDINALITY):
+            raise ProbeError(
+                "the training data is an infinite tf.data.Dataset (it repeats), so no "
+                "probe can be drawn from it; pass a finite one explicitly, e.g. "
+                "probe=dataset.take(64) (64 batches, read once and kept)"
+            )
+        unknown = cardinality == int(tf.data.UNKNOWN_CARDINALITY)
+        rng = np.random.default_rng(seed)
+        reservoir, seen, first_batch = None, 0, None
+        for element in dataset.as_numpy_iterator():
+            x, y, sw = _unpack(element)
+            batch = (x, y, sw)
+            n = _num_samples(batch)
+            if first_batch is None:
+                first_batch = n
+            if reservoir is None:
+                reservoir = _tree().map_structure(
+                    lambda a: None if a is None else np.empty((probe_size,) + a.shape[1:], a.dtype),
+                    batch,
+                )
+            fill = min(n, max(probe_size - seen, 0))
+            if fill:
+                _assign(reservoir, np.arange(seen, seen + fill), _take(batch, slice(0, fill)))
+            if fill < n:
+                # Algorithm R, vectorised: sample i of the stream replaces slot
+                # j ~ U{0..i} when j < probe_size; later samples win ties, as in
+                # the sequential algorithm.
+                stream_index = seen + np.arange(fill, n)
+                slots = rng.integers(0, stream_index + 1)
+                keep = slots < probe_size
+                if keep.any():
+                    _assign(reservoir, slots[keep], _take(batch, np.arange(fill, n)[keep]))
+            seen += n
+            if unknown and seen >= probe_size:
+                warnings.warn(
+                    "the probe dataset has unknown cardinality; gaptrack measures on its "
+                    f"first {probe_size} samples. Pass a finite dataset (e.g. "
+                    "dataset.take(n)) to choose them.",
+                    stacklevel=3,
+                )
+                break
+        if reservoir is None:
+            raise ProbeError("the probe dataset is empty (it yielded no batch)")
+        size = min(seen, probe_size)
+        x, y, sw = _take(reservoir, slice(0, size))
+        return cls(x, y, sw, total=None if unknown else seen, dataset_batch_size=first_batch)
+
+    def batches(self, batch_size):
+        """Yield ``(x, y, sample_weight)`` slices of ``batch_size`` samples, in order."""
+        for start in range(0, self.size, batch_size):
+            yield _take((self.x, self.y, self.sample_weight), slice(start, start + batch_size))
+
+    def num_batches(self, batch_size):
+        return -(-self.size // batch_size)
+
+
+def _assign(target, index, source):
+    for t, s in zip(_tree().flatten(target), _tree().flatten(source)):
+        if t is not None:
+            t[index] = s
+
+
+def _is_tf_dataset(data):
+    module = type(data).__module__
+    if not module.startswith("tensorflow"):
+        return False
+    import tensorflow as tf
+
+    return isinstance(data, tf.data.Dataset)

@@ -1,0 +1,42 @@
+"""Tiny models and data shared by the tests."""
+
+import keras
+import numpy as np
+
+
+def blobs(n=256, features=6, classes=3, seed=0):
+    """Gaussian blobs: ``x`` float32 (n, features), ``y`` int64 class ids."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=2.0, size=(classes, features))
+    y = rng.integers(0, classes, size=n)
+    x = (centers[y] + rng.normal(size=(n, features))).astype("float32")
+    return x, y.astype("int64")
+
+
+def mlp(features=6, classes=3, width=16, depth=2, bn=False, dropout=0.0, l2=0.0,
+        activity=0.0, lr=1e-2, metrics=("accuracy",), momentum=0.99):
+    """A small Sequential MLP, compiled."""
+    layers = [keras.Input((features,))]
+    for _ in range(depth):
+        layers.append(keras.layers.Dense(
+            width, activation="elu", kernel_initializer="he_normal",
+            kernel_regularizer=keras.regularizers.l2(l2) if l2 else None,
+            activity_regularizer=keras.regularizers.l1(activity) if activity else None,
+        ))
+        if bn:
+            layers.append(keras.layers.BatchNormalization(momentum=momentum))
+        if dropout:
+            layers.append(keras.layers.Dropout(dropout))
+    layers.append(keras.layers.Dense(classes, activation="softmax"))
+    model = keras.Sequential(layers)
+    model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy",
+                  metrics=list(metrics))
+    return model
+
+
+def all_state(model):
+    """Copies of every variable a measurement must leave alone."""
+    variables = list(model.variables) + list(model.metrics_variables)
+    if model.optimizer is not None:
+        variables += list(model.optimizer.variables)
+    return [np.array(v.numpy(), copy=True) for v in variables]

@@ -1,0 +1,120 @@
+"""Session fixtures: a sandboxed home, a real ``mlflow server`` and SQLite stores.
+
+Nothing is written into ``~`` and nothing reaches the internet: the environment
+variables below are set before Keras, TensorFlow or MLflow are imported.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="gaptrack-tests-"))
+for _var, _sub in (("KERAS_HOME", "keras"), ("XDG_CONFIG_HOME", "config"),
+                   ("MPLCONFIGDIR", "matplotlib"), ("XDG_CACHE_HOME", "cache")):
+    os.environ[_var] = str(_SANDBOX / _sub)
+    (_SANDBOX / _sub).mkdir(parents=True, exist_ok=True)
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+os.environ["MPLBACKEND"] = "Agg"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url, timeout=60.0, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class MlflowServer:
+    """A real ``mlflow server`` subprocess on 127.0.0.1 over a SQLite store."""
+
+    def __init__(self, root, port=None, extra_args=()):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.backend_uri = f"sqlite:///{self.root / 'mlflow.db'}"
+        self.extra_args = list(extra_args)
+        self.proc = None
+
+    def start(self, timeout=90.0):
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server",
+             "--backend-store-uri", self.backend_uri,
+             "--artifacts-destination", str(self.root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", *self.extra_args],
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_http(self.url + "/health", timeout=timeout, proc=self.proc)
+        return self
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real tracking server for the whole session (startup takes ~10 s)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path, monkeypatch):
+    """A fresh SQLite tracking store; the working directory is moved into
+    ``tmp_path`` so that MLflow's cwd-relative artifact root lands there too."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def server_uri(mlflow_server, tmp_path, monkeypatch):
+    """The session server as this test's tracking URI."""
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    yield mlflow_server.url
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

@@ -1,0 +1,220 @@
+"""measure(): eval_train, train_mode and precise_bn against independent computations."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gaptrack
+from builders import all_state, blobs, mlp
+from gaptrack.measurement import MeasureError
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-7):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+class Accuracy2(keras.metrics.Metric):
+    """A custom metric: fraction of samples whose true class has p > 0.5."""
+
+    def __init__(self, name="confident", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.hits = self.add_variable((), initializer="zeros", name="hits")
+        self.count = self.add_variable((), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        p = tf.gather(y_pred, tf.cast(tf.reshape(y_true, [-1]), "int32"), batch_dims=1)
+        w = tf.ones_like(p) if sample_weight is None else tf.cast(sample_weight, p.dtype)
+        self.hits.assign_add(tf.reduce_sum(w * tf.cast(p > 0.5, p.dtype)))
+        self.count.assign_add(tf.reduce_sum(w))
+
+    def result(self):
+        return self.hits / self.count
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(16, activation="relu",
+                                         kernel_regularizer=keras.regularizers.l2(0.01))
+        self.bn = keras.layers.BatchNormalization()
+        self.drop = keras.layers.Dropout(0.3)
+        self.out = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, x, training=False):
+        h = self.drop(self.bn(self.hidden(x), training=training), training=training)
+        self.add_loss(0.001 * tf.reduce_mean(tf.square(h)))
+        return self.out(h)
+
+
+def two_headed():
+    inp = keras.Input((6,), name="x")
+    h = keras.layers.Dense(16, activation="relu")(inp)
+    h = keras.layers.BatchNormalization()(h)
+    cls = keras.layers.Dense(3, activation="softmax", name="cls")(h)
+    reg = keras.layers.Dense(1, name="reg")(keras.layers.Dropout(0.2)(h))
+    model = keras.Model(inp, {"cls": cls, "reg": reg})
+    model.compile("adam", loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"},
+                  loss_weights={"cls": 1.0, "reg": 0.5},
+                  metrics={"cls": ["accuracy"], "reg": ["mae"]})
+    return model
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional_multi_output", "subclassed",
+                                  "sample_weight", "tf_data"])
+def test_eval_train_equals_model_evaluate(kind):
+    keras.utils.set_random_seed(0)
+    x, y = blobs(200)
+    sw = np.linspace(0.2, 2.0, len(x)).astype("float32")
+    if kind == "functional_multi_output":
+        model = two_headed()
+        targets = {"cls": y, "reg": x[:, :1] * 2.0}
+        data = (x, targets)
+    elif kind == "subclassed":
+        model = Subclassed()
+        model.compile("adam", "sparse_categorical_crossentropy",
+                      metrics=["accuracy", Accuracy2()])
+        data = (x, y)
+    else:
+        model = mlp(bn=True, dropout=0.3, l2=0.01, activity=0.001,
+                    metrics=("accuracy", Accuracy2()))
+        data = (x, y, sw) if kind == "sample_weight" else (x, y)
+    arrays = dict(zip(("x", "y", "sample_weight"), data))
+    model.fit(**arrays, batch_size=32, epochs=2, verbose=0)
+    if kind == "tf_data":
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+        expected = model.evaluate(data, verbose=0, return_dict=True)
+    else:
+        expected = model.evaluate(**arrays, batch_size=32, verbose=0, return_dict=True)
+    m = gaptrack.measure(model, data, batch_size=32)
+    assert_close(m.eval_train, expected)
+    assert m.train_mode.keys() == expected.keys()
+    assert m.probe_size == len(x)
+
+
+def test_train_mode_equals_training_forward_of_a_clone():
+    """No Dropout, so training mode is deterministic: the clone's training-mode
+    forward, batch by batch, gives the loss and accuracy by hand (numpy)."""
+    keras.utils.set_random_seed(1)
+    x, y = blobs(150)
+    model = mlp(bn=True, l2=0.01)
+    model.fit(x, y, batch_size=25, epochs=2, verbose=0)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    losses, hits, sizes = [], 0.0, []
+    for start in range(0, len(x), 40):
+        xb, yb = x[start:start + 40], y[start:start + 40]
+        p = clone(xb, training=True).numpy().astype(np.float64)
+        ce = -np.log(np.clip(p[np.arange(len(yb)), yb], 1e-7, 1.0))
+        reg = sum(0.01 * np.sum(np.square(w.numpy().astype(np.float64)))
+                  for w in clone.trainable_weights if w.path.endswith("kernel")
+                  and w.regularizer is not None)
+        losses.append(ce.mean() + reg)
+        sizes.append(len(yb))
+        hits += np.sum(p.argmax(1) == yb)
+    expected_loss = np.average(losses, weights=sizes)
+    m = gaptrack.measure(model, (x, y), batch_size=40)
+    np.testing.assert_allclose(m.train_mode["loss"], expected_loss, rtol=1e-5)
+    assert m.train_mode["accuracy"] == pytest.approx(hits / len(x), abs=1e-7)
+    # and training mode differs from inference mode (BN batch statistics)
+    assert abs(m.train_mode["loss"] - m.eval_train["loss"]) > 1e-4
+
+
+def test_measure_changes_no_state_and_dropout_is_seeded():
+    keras.utils.set_random_seed(2)
+    x, y = blobs(120)
+    model = mlp(bn=True, dropout=0.5)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    before = all_state(model)
+    names = [v.path for v in model.variables]
+    assert any("seed_generator" in n for n in names)  # Dropout's seed state is checked
+    assert any("moving_mean" in n for n in names)
+    a = gaptrack.measure(model, (x, y), batch_size=16, seed=7)
+    after = all_state(model)
+    assert len(before) == len(after)
+    for b, c in zip(before, after):
+        assert b.dtype == c.dtype and b.tobytes() == c.tobytes()
+    b = gaptrack.measure(model, (x, y), batch_size=16, seed=7)
+    c = gaptrack.measure(model, (x, y), batch_size=16, seed=8)
+    assert a.train_mode == b.train_mode
+    assert a.train_mode["loss"] != c.train_mode["loss"]
+    assert a.eval_train == c.eval_train  # inference mode does not depend on the seed
+
+
+def _bn_inputs_in_training_mode(model, x, batch_size):
+    """Each BN layer's input, batch by batch, from functional sub-models."""
+    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    subs = [keras.Model(model.inputs, l.input) for l in bns]
+    per_layer = []
+    for sub in subs:
+        per_layer.append([sub(x[s:s + batch_size], training=True).numpy().astype(np.float64)
+                          for s in range(0, len(x), batch_size)])
+    return bns, per_layer
+
+
+def test_precise_bn_statistics_equal_numpy_on_layer_inputs():
+    keras.utils.set_random_seed(3)
+    x, y = blobs(130)
+    model = mlp(bn=True, depth=3)
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0)
+    bns, inputs = _bn_inputs_in_training_mode(model, x, 30)
+    m = gaptrack.measure(model, (x, y), batch_size=30)
+    assert [s.path for s in m.bn] == [l.name for l in bns]
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    clone.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    for stats, layer_inputs, clone_bn in zip(
+            m.bn, inputs, [l for l in clone.layers
+                           if isinstance(l, keras.layers.BatchNormalization)]):
+        n = np.array([len(b) for b in layer_inputs], dtype=np.float64)
+        means = np.stack([b.mean(axis=0) for b in layer_inputs])
+        variances = np.stack([b.var(axis=0) for b in layer_inputs])  # biased, as Keras
+        mean = (n[:, None] * means).sum(0) / n.sum()
+        var = (n[:, None] * variances).sum(0) / n.sum()
+        np.testing.assert_allclose(stats.mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats.variance, var, rtol=1e-5, atol=1e-6)
+        assert stats.trains
+        clone_bn.moving_mean.assign(mean.astype("float32"))
+        clone_bn.moving_variance.assign(var.astype("float32"))
+    # precise_bn equals evaluate() of a clone given the numpy statistics
+    expected = clone.evaluate(x, y, verbose=0, return_dict=True)
+    assert_close(m.precise_bn, expected, rtol=1e-5)
+
+
+def test_no_bn_means_no_precise_bn_and_frozen_bn_is_not_recomputed():
+    keras.utils.set_random_seed(4)
+    x, y = blobs(64)
+    model = mlp(dropout=0.2)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    m = gaptrack.measure(model, (x, y), batch_size=16)
+    assert m.precise_bn is None and m.bn == []
+    assert "precise_bn/loss" not in m.as_metrics()
+
+    frozen = mlp(bn=True)
+    for layer in frozen.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    frozen.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    frozen.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    m = gaptrack.measure(frozen, (x, y), batch_size=16)
+    assert m.precise_bn is None  # nothing trains, so nothing to recompute
+    assert [s.trains for s in m.bn] == [False, False]
+    # a frozen BN runs in inference mode in training too: train_mode == eval_train
+    assert_close(m.train_mode, m.eval_train)
+
+
+def test_measure_rejects_bad_input():
+    x, y = blobs(32)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    with pytest.raises(MeasureError, match="not compiled"):
+        gaptrack.measure(model, (x, y))
+    model.compile("sgd", "mse")
+    with pytest.raises(MeasureError, match="batch_size must be a positive integer, got 0"):
+        gaptrack.measure(model, (x, y), batch_size=0)
+    with pytest.raises(ValueError, match="probe_size must be > 0, got -3"):
+        gaptrack.measure(model, (x, y), probe_size=-3)
+    infinite = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    with pytest.raises(ValueError, match=r"infinite.*take\("):
+        gaptrack.measure(model, infinite)
