@@ -32,10 +32,13 @@ multiplied by a constant)::
 applies wrongly; ``var_lag`` is the log-ratio of the scales (0.69 is a factor 2).
 
 A layer **trains** when a training-mode call uses its batch statistics: Keras 3
-does so when the layer is ``trainable`` and is called with ``training=True``. A
-frozen layer (``trainable=False``) or one called with ``training=False`` inside
-the model (``base(x, training=False)``, the transfer-learning idiom) always uses
-its moving statistics; it is listed and flagged, never recalibrated.
+does so when the layer is ``trainable`` and is called with ``training=True``.
+This is read off the call itself, not guessed from flags. A frozen layer
+(``trainable=False``, the transfer-learning idiom) or one a subclassed model
+calls with ``training=False`` uses its moving statistics; it is listed and
+flagged, never recalibrated. (In a *functional* model, Keras 3 lets the outer
+``training=True`` override an inner ``base(x, training=False)``, so such a layer
+does train, and is reported so.)
 """
 
 import contextlib
@@ -107,6 +110,8 @@ def _unique_key(path, taken):
     key = _KEY_INVALID.sub("_", path)
     key = re.sub(r"/{2,}", "/", key).strip("/") or "_"
     key = key.replace("..", "._")
+    # MLflow rejects keys that a path normalisation changes: no "." segment.
+    key = "/".join("_" if part == "." else part for part in key.split("/"))
     candidate, n = key, 1
     while candidate in taken:
         n += 1

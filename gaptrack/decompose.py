@@ -41,7 +41,7 @@ def decompose(fit, eval_train, train_mode, precise_bn=None):
     for name, e in eval_train.items():
         if name not in fit or name not in train_mode:
             continue
-        f, t = float(fit[name]), float(train_mode[name])
+        f, e, t = float(fit[name]), float(e), float(train_mode[name])
         p = float(precise_bn[name]) if precise_bn and name in precise_bn else None
         out[f"gap/{name}"] = f - e
         out[f"gap/{name}/drift"] = f - t
@@ -77,11 +77,15 @@ def summarize(history):
 
 
 def gap_history(decompositions):
-    """``{metric: [gap, ...]}`` from a list of :func:`decompose` results."""
+    """``{metric: [gap, ...]}`` from a list of :func:`decompose` results.
+
+    ``gap/<m>/<part>`` is a part only when ``gap/<m>`` is a key too, so metrics
+    named ``drift`` or ``out/mode`` keep their gaps.
+    """
     history = {}
-    suffixes = tuple(f"/{part}" for part in PARTS)
     for parts in decompositions:
         for key, value in parts.items():
-            if key.startswith("gap/") and not key.endswith(suffixes):
+            head, _, tail = key.rpartition("/")
+            if key.startswith("gap/") and not (tail in PARTS and head in parts):
                 history.setdefault(key[len("gap/"):], []).append(value)
     return history

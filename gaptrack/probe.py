@@ -156,7 +156,7 @@ class Probe:
             fill = min(n, max(probe_size - seen, 0))
             if fill:
                 _assign(reservoir, np.arange(seen, seen + fill), _take(batch, slice(0, fill)))
-            if fill < n:
+            if fill < n and not unknown:
                 # Algorithm R, vectorised: sample i of the stream replaces slot
                 # j ~ U{0..i} when j < probe_size; later samples win ties, as in
                 # the sequential algorithm.

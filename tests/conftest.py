@@ -92,11 +92,25 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def _empty_sqlite_store(tmp_path_factory):
+    """An initialised, empty SQLite store (creating one runs MLflow's schema
+    migrations, ~3 s); tests get a copy of the file."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("sqlite-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def sqlite_uri(tmp_path, monkeypatch):
+def sqlite_uri(tmp_path, monkeypatch, _empty_sqlite_store):
     """A fresh SQLite tracking store; the working directory is moved into
     ``tmp_path`` so that MLflow's cwd-relative artifact root lands there too."""
+    import shutil
+
     monkeypatch.chdir(tmp_path)
+    shutil.copy(_empty_sqlite_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     import mlflow
 

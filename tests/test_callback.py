@@ -1,0 +1,272 @@
+"""GapTracker end to end: what reaches the store, against History, evaluate and numpy."""
+
+import math
+import warnings
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import tensorflow as tf
+from mlflow.tracking import MlflowClient
+
+import gaptrack
+from builders import blobs, mlp
+from conftest import MlflowServer
+from gaptrack.callback import BatchSizeWarning, infer_batch_size
+from gaptrack.tracking import TrackingWarning
+
+PARTS = ("drift", "mode", "bn_ema")
+
+
+def histories(client, run_id):
+    """``{key: {step: value}}`` of every metric of a run, and the raw point counts."""
+    run = client.get_run(run_id)
+    out, counts = {}, {}
+    for key in run.data.metrics:
+        points = client.get_metric_history(run_id, key)
+        counts[key] = len(points)
+        out[key] = {p.step: p.value for p in points}
+    return out, counts
+
+
+def spec_keys(metrics, bn_keys=(), val=False):
+    keys = []
+    for m in metrics:
+        keys += [f"fit/{m}", f"eval_train/{m}", f"train_mode/{m}", f"gap/{m}"]
+        keys += [f"gap/{m}/{p}" for p in PARTS]
+        if bn_keys:
+            keys.append(f"precise_bn/{m}")
+        if val:
+            keys.append(f"val/{m}")
+    for k in bn_keys:
+        keys += [f"bn/{k}/mean_lag", f"bn/{k}/var_lag"]
+    return keys
+
+
+@pytest.mark.parametrize("store", ["sqlite_uri", "server_uri"])
+def test_every_key_at_every_epoch_matches_history_and_evaluate(store, request):
+    request.getfixturevalue(store)
+    keras.utils.set_random_seed(0)
+    x, y = blobs(240)
+    xv, yv = blobs(60, seed=1)
+    model = mlp(bn=True, dropout=0.2)
+    tracker = gaptrack.GapTracker((x, y), batch_size=32)
+    epochs = 3
+    history = model.fit(x, y, batch_size=32, epochs=epochs, validation_data=(xv, yv),
+                        verbose=0, callbacks=[tracker])
+    client = MlflowClient()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"  # it started the run, so it ended it
+    logged, counts = histories(client, tracker.run_id)
+    bn_names = [l.name for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(bn_names) == 2
+    expected = spec_keys(["loss", "accuracy"], bn_keys=bn_names, val=True)
+    for key in expected:
+        assert sorted(logged[key]) == list(range(epochs)), key
+        assert counts[key] == epochs, key  # each point exactly once
+    for m in ("loss", "accuracy"):
+        assert [logged[f"fit/{m}"][e] for e in range(epochs)] == history.history[m]
+        assert [logged[f"val/{m}"][e] for e in range(epochs)] == history.history[f"val_{m}"]
+        for e in range(epochs):
+            parts = sum(logged[f"gap/{m}/{p}"][e] for p in PARTS)
+            assert parts == pytest.approx(logged[f"gap/{m}"][e], abs=1e-12)
+            assert logged[f"gap/{m}"][e] == pytest.approx(
+                logged[f"fit/{m}"][e] - logged[f"eval_train/{m}"][e], abs=1e-12)
+    # the last epoch's eval_train is the trained model's evaluate()
+    final = model.evaluate(x, y, verbose=0, return_dict=True)
+    for m in ("loss", "accuracy"):
+        assert logged[f"eval_train/{m}"][epochs - 1] == pytest.approx(final[m], rel=1e-5)
+    # run-level summaries against numpy on the logged gaps
+    for m in ("loss", "accuracy"):
+        gaps = np.array([logged[f"gap/{m}"][e] for e in range(epochs)])
+        assert run.data.metrics[f"gap_final/{m}"] == gaps[-1]
+        assert run.data.metrics[f"gap_max_abs/{m}"] == pytest.approx(np.abs(gaps).max())
+        assert run.data.metrics[f"gap_mean_abs/{m}"] == pytest.approx(np.abs(gaps).mean())
+    tags = run.data.tags
+    assert tags["gaptrack.version"] == gaptrack.__version__
+    assert tags["gaptrack.probe_size"] == "240"
+    assert tags["gaptrack.batch_size"] == "32"
+    last = {p: abs(logged[f"gap/loss/{p}"][epochs - 1]) for p in PARTS}
+    assert tags["gaptrack.diagnosis"] == max(last, key=last.get)
+
+
+def _fit(tracked, epochs=2):
+    keras.utils.set_random_seed(5)
+    x, y = blobs(96)
+    model = mlp(bn=True, dropout=0.3)
+    seen = []
+
+    class Recorder(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(dict(logs))
+
+    callbacks = [gaptrack.GapTracker((x, y), batch_size=16)] if tracked else []
+    history = model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
+                        validation_split=0.25, callbacks=callbacks + [Recorder()])
+    return history.history, seen, [v.numpy() for v in model.variables]
+
+
+def test_tracking_does_not_disturb_training(sqlite_uri):
+    plain_history, plain_seen, plain_weights = _fit(tracked=False)
+    history, seen, weights = _fit(tracked=True)
+    assert history == plain_history
+    assert seen == plain_seen
+    for a, b in zip(weights, plain_weights):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_one_log_batch_request_per_epoch(sqlite_uri, monkeypatch):
+    calls = []
+    real = MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        calls.append((len(metrics), len(tags)))
+        return real(self, run_id, metrics=metrics, params=params, tags=tags,
+                    synchronous=synchronous)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    x, y = blobs(64)
+    model = mlp()
+    epoch_calls = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_calls.append(len([c for c in calls if c[0]]))
+
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0,
+              callbacks=[gaptrack.GapTracker((x, y), batch_size=16), Count()])
+    assert epoch_calls == [1, 2, 3]
+
+
+def test_joins_the_active_run(sqlite_uri):
+    x, y = blobs(48)
+    model = mlp()
+    with mlflow.start_run() as run:
+        mlflow.log_param("mine", 1)
+        tracker = gaptrack.GapTracker((x, y), batch_size=16)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[tracker])
+        assert tracker.run_id == run.info.run_id
+        assert mlflow.active_run().info.run_id == run.info.run_id  # not ended by it
+    data = MlflowClient().get_run(run.info.run_id).data
+    assert "gap/loss" in data.metrics and data.params == {"mine": "1"}
+
+
+def test_every_nth_epoch_and_the_last(sqlite_uri):
+    x, y = blobs(48)
+    model = mlp()
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, every=2)
+    model.fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[tracker])
+    logged, _ = histories(MlflowClient(), tracker.run_id)
+    assert sorted(logged["fit/loss"]) == [0, 1, 2, 3]
+    assert sorted(logged["gap/loss"]) == [0, 2, 3]
+
+
+def test_batch_size_inference():
+    assert list(infer_batch_size(1000, 16)) == [63, 64, 65, 66]
+    for samples, batch in [(100, 5), (1000, 7), (60000, 32), (37, 37), (37, 100)]:
+        steps = math.ceil(samples / batch)
+        candidates = infer_batch_size(samples, steps)
+        # an independent brute force over every batch size
+        assert list(candidates) == [b for b in range(1, samples + 1)
+                                    if math.ceil(samples / b) == steps] or steps == 1
+    x, y = blobs(100)
+    tracker = gaptrack.GapTracker((x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BatchSizeWarning)  # unambiguous: no warning
+        assert tracker._infer_batch_size(20) == 5
+    x, y = blobs(1000)
+    tracker = gaptrack.GapTracker((x, y))
+    with pytest.warns(BatchSizeWarning, match="1000 samples in 16 steps fits batch sizes 63 to 66"):
+        assert tracker._infer_batch_size(16) == 63
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(50)
+    assert gaptrack.GapTracker(dataset)._infer_batch_size(20) == 50
+
+
+def test_textbook_cases(sqlite_uri):
+    """Single-batch epoch: drift is the whole gap; Dropout: mode dominates;
+    deep BN after 2 steps: bn_ema dominates."""
+    client = MlflowClient()
+
+    def run(model, x, y, batch_size, epochs):
+        tracker = gaptrack.GapTracker((x, y), batch_size=batch_size)
+        model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[tracker])
+        return client.get_run(tracker.run_id).data
+
+    keras.utils.set_random_seed(0)
+    x, y = blobs(32)
+    model = mlp(l2=0.01)
+    before = model.evaluate(x, y, verbose=0, return_dict=True)
+    data = run(model, x, y, 32, 1)
+    assert data.metrics["fit/loss"] == pytest.approx(before["loss"], rel=1e-6)
+    assert data.metrics["gap/loss/drift"] == pytest.approx(data.metrics["gap/loss"], abs=1e-7)
+    assert data.metrics["gap/loss/mode"] == 0 and data.metrics["gap/loss/bn_ema"] == 0
+    assert data.tags["gaptrack.diagnosis"] == "drift"
+
+    keras.utils.set_random_seed(0)
+    x, y = blobs(512)
+    data = run(mlp(dropout=0.5, width=64, lr=1e-3), x, y, 32, 3)
+    mode = abs(data.metrics["gap/loss/mode"])
+    assert mode > abs(data.metrics["gap/loss/drift"]) and data.metrics["gap/loss/bn_ema"] == 0
+    assert data.tags["gaptrack.diagnosis"] == "mode"
+
+    keras.utils.set_random_seed(0)
+    data = run(mlp(bn=True, depth=8, width=32, lr=1e-4), x, y, 256, 1)  # 2 steps
+    bn_ema = abs(data.metrics["gap/loss/bn_ema"])
+    assert bn_ema > abs(data.metrics["gap/loss/drift"])
+    assert bn_ema > abs(data.metrics["gap/loss/mode"])
+    assert data.tags["gaptrack.diagnosis"] == "bn_ema"
+
+
+def test_custom_loop_with_train_on_batch(sqlite_uri):
+    keras.utils.set_random_seed(0)
+    x, y = blobs(64)
+    model = mlp()
+    rng = np.random.default_rng(0)
+    tracker = gaptrack.GapTracker((x, y), batch_size=32)
+    reported = []
+    with tracker.track(model):
+        for step in range(3):
+            idx = rng.choice(len(x), 32, replace=False)
+            logs = model.train_on_batch(x[idx], y[idx], return_dict=True)
+            reported.append(logs)
+            tracker.log_epoch(step, logs)
+    logged, _ = histories(MlflowClient(), tracker.run_id)
+    assert [logged["fit/loss"][s] for s in range(3)] == [float(r["loss"]) for r in reported]
+    final = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert logged["eval_train/loss"][2] == pytest.approx(final["loss"], rel=1e-5)
+    assert MlflowClient().get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_tracking_failure_is_a_warning_and_is_retried(tmp_path, monkeypatch):
+    """The server goes down after epoch 0 and comes back after epoch 1's attempt:
+    training carries on, and every epoch reaches the server exactly once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.chdir(tmp_path)
+    server = MlflowServer(tmp_path / "server").start()
+    mlflow.set_tracking_uri(server.url)
+    try:
+        x, y = blobs(48)
+        model = mlp()
+        tracker = gaptrack.GapTracker((x, y), batch_size=16)
+
+        class Outage(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch == 0:
+                    server.stop()
+                elif epoch == 1:
+                    assert tracker.logger.pending > 0  # kept, not dropped
+                    server.start()
+
+        with pytest.warns(TrackingWarning, match="kept and retried"):
+            history = model.fit(x, y, batch_size=16, epochs=3, verbose=0,
+                                callbacks=[tracker, Outage()])
+        assert len(history.history["loss"]) == 3
+        logged, counts = histories(MlflowClient(), tracker.run_id)
+        for key in ("fit/loss", "gap/loss", "eval_train/accuracy"):
+            assert sorted(logged[key]) == [0, 1, 2] and counts[key] == 3
+        assert logged["fit/loss"] == dict(enumerate(history.history["loss"]))
+    finally:
+        server.stop()
+        mlflow.set_tracking_uri(None)
