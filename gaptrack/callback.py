@@ -7,7 +7,8 @@ MLflow's autolog count), in one ``log_batch`` request:
 
 ``fit/<m>``, ``val/<m>``, ``eval_train/<m>``, ``train_mode/<m>``,
 ``precise_bn/<m>``, ``gap/<m>`` and ``gap/<m>/{drift,mode,bn_ema}``,
-``bn/<layer>/mean_lag`` and ``bn/<layer>/var_lag``,
+``bn/<layer>/mean_lag`` and ``bn/<layer>/var_lag``, and ``noise/loss`` (the
+standard error of ``eval_train/loss`` as a mean of per-sample losses on the probe),
 
 plus one BN snapshot table per measured epoch (:mod:`gaptrack.snapshots`). At
 train end: ``gap_final/<m>``, ``gap_max_abs/<m>``, ``gap_mean_abs/<m>``, the
@@ -191,6 +192,8 @@ class GapTracker(keras.callbacks.Callback):
             self._decompositions.append(parts)
             metrics.update(m.as_metrics())
             metrics.update(parts)
+            if m.loss_standard_error is not None:
+                metrics["noise/loss"] = m.loss_standard_error
             for stats in m.bn:
                 if all(math.isfinite(v) for v in stats.mean):
                     lag = self._last_lags[stats.key] = stats.lag

@@ -59,6 +59,9 @@ class Measurement:
         batch_size: the training batch size used for ``train_mode``/PreciseBN.
         bn: per BN layer, its state and population statistics
             (:class:`gaptrack.bn.BNStatistics`), in model order.
+        loss_standard_error: standard error of ``eval_train["loss"]`` as the mean
+            of per-sample losses, ``std / sqrt(n)`` (regularisers add a constant
+            and no noise); ``None`` for multi-output models.
     """
 
     eval_train: dict
@@ -67,6 +70,7 @@ class Measurement:
     probe_size: int
     batch_size: int
     bn: list = field(default_factory=list)
+    loss_standard_error: float = None
 
     def as_metrics(self):
         """The SPEC keys: ``eval_train/<m>``, ``train_mode/<m>``, ``precise_bn/<m>``."""
@@ -207,7 +211,7 @@ class Measurer:
                 model._loss_tracker.update_state(loss, sample_weight=n)
             logs = model.compute_metrics(x, y, y_pred, sample_weight=sw)
         metric_values = [scope.get_current_value(v) for v in model.metrics_variables]
-        return new_non_trainable, metric_values, logs
+        return new_non_trainable, metric_values, logs, (x, y, y_pred, sw)
 
     def _train_step(self, x, y, sw, metric_values, seeds, sums):
         model = self.model
@@ -215,7 +219,7 @@ class Measurer:
         for i, seed in zip(self._seed_index, seeds):
             non_trainable[i] = seed
         with watch_inputs(self.bn_layers) as record:
-            new_nt, metric_values, logs = self._forward(
+            new_nt, metric_values, logs, _ = self._forward(
                 x, y, sw, non_trainable, metric_values, training=True
             )
         new_sums = []
@@ -230,22 +234,47 @@ class Measurer:
         new_seeds = [new_nt[i] for i in self._seed_index]
         return metric_values, new_seeds, new_sums, logs
 
-    def _infer_step(self, x, y, sw, eval_values, pbn_values, population):
+    def _infer_step(self, x, y, sw, eval_values, pbn_values, population, moments):
         model = self.model
         non_trainable = [v.value for v in model.non_trainable_variables]
-        _, eval_values, eval_logs = self._forward(
+        _, eval_values, eval_logs, batch = self._forward(
             x, y, sw, non_trainable, eval_values, training=False
         )
+        moments = self._loss_moments(moments, *batch)
         if population is None:
-            return eval_values, None, eval_logs, None
+            return eval_values, None, eval_logs, None, moments
         for i, (mean, var) in population.items():
             i_mean, i_var = self._bn_index[i]
             non_trainable[i_mean] = mean
             non_trainable[i_var] = var
-        _, pbn_values, pbn_logs = self._forward(
+        _, pbn_values, pbn_logs, _ = self._forward(
             x, y, sw, non_trainable, pbn_values, training=False
         )
-        return eval_values, pbn_values, eval_logs, pbn_logs
+        return eval_values, pbn_values, eval_logs, pbn_logs, moments
+
+    def _loss_moments(self, moments, x, y, y_pred, sw):
+        """Running ``(n, sum l, sum l^2)`` of the per-sample compiled loss ``l``.
+
+        Only for a single output with one compiled loss (the per-sample values
+        of several weighted outputs are not defined by Keras); else ``None``.
+        """
+        from keras import ops, tree
+
+        compile_loss = self.model._compile_loss
+        flat = getattr(compile_loss, "_flat_losses", None) or []
+        if moments is None or len(flat) != 1 or tree.is_nested(y_pred) or tree.is_nested(y):
+            return None
+        loss_fn = flat[0][1]
+        if not hasattr(loss_fn, "call"):
+            return None
+        values = ops.cast(loss_fn.call(y, y_pred), "float64")
+        if len(values.shape) > 1:
+            values = ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=1)
+        if sw is not None:
+            values = values * ops.reshape(ops.cast(sw, "float64"), (-1,))
+        n, total, squares = moments
+        return (n + ops.cast(ops.shape(values)[0], "float64"), total + ops.sum(values),
+                squares + ops.sum(values * values))
 
     # -- passes ------------------------------------------------------------------
 
@@ -298,7 +327,11 @@ class Measurer:
 
     def inference_pass(self, probe, population=None):
         """``(eval_train, precise_bn)`` metrics; ``precise_bn`` is ``None`` unless
-        ``population`` (``{bn index: (mean, variance)}``) is given."""
+        ``population`` (``{bn index: (mean, variance)}``) is given.
+
+        Also sets :attr:`loss_standard_error`: the standard error of the mean
+        per-sample loss on the probe (``None`` where per-sample losses are not
+        defined), the sampling noise of ``eval_train["loss"]``."""
         self._prepare(probe)
         import tensorflow as tf
 
@@ -314,10 +347,12 @@ class Measurer:
         else:
             population = None
         eval_logs = pbn_logs = None
+        moments = tuple(tf.constant(0.0, tf.float64) for _ in range(3))
         for x, y, sw in probe.batches(self._inference_batch(probe)):
-            eval_values, pbn_values, eval_logs, pbn_logs = self._infer_fn(
-                x, y, sw, eval_values, pbn_values, population
+            eval_values, pbn_values, eval_logs, pbn_logs, moments = self._infer_fn(
+                x, y, sw, eval_values, pbn_values, population, moments
             )
+        self.loss_standard_error = _standard_error(moments)
         return _to_floats(eval_logs), (_to_floats(pbn_logs) if population else None)
 
     def measure(self, probe):
@@ -345,7 +380,17 @@ class Measurer:
         return Measurement(
             eval_train=eval_train, train_mode=train_mode, precise_bn=precise_bn,
             probe_size=probe.size, batch_size=self.batch_size, bn=bn,
+            loss_standard_error=self.loss_standard_error,
         )
+
+
+def _standard_error(moments):
+    n, total, squares = (float(v) for v in moments) if moments is not None else (0, 0, 0)
+    if n < 2:
+        return None
+    mean = total / n
+    variance = max(squares / n - mean * mean, 0.0) * n / (n - 1)
+    return (variance / n) ** 0.5
 
 
 def _relax_batch_dim(tensor):
