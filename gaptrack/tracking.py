@@ -1,35 +1,207 @@
-"""Logging to MLflow that never stops training.
+"""Logging to MLflow that never stops training, and loses nothing.
 
-:class:`RunLogger` holds one run. Each epoch's metrics go out in one
-``log_batch`` request (split in chunks of 1000, MLflow's limit), each table as
-one artifact upload. When the tracking server cannot be reached, or a request
-fails, the failure is reported as a :class:`TrackingWarning`, what was not logged
-is kept, and it is sent again with the next epoch's data, in order, so the
-server sees each point once. Nothing is raised into training.
+:class:`RunLogger` holds one run. Every call (metrics, tags, a table, a file)
+becomes an *operation*, written first to a **spool** directory on local disk and
+then sent by a background thread, in order, one request per operation: an
+epoch's metrics are one ``log_batch`` (split in chunks of 1000, MLflow's limit),
+a table one artifact upload. So training never waits on the tracking server.
+
+When a request fails (server down, restarting, refusing), the sender reports a
+:class:`TrackingWarning` (raised in the training thread at its next call, never
+as an exception) and retries the same operation with backoff, keeping the order.
+At train end :meth:`RunLogger.close` waits at most ``close_timeout`` seconds (the
+retry budget) for the queue to drain. What could still not be sent stays in the
+spool, and ``gaptrack sync`` (:func:`sync`) sends it later, creating the run if
+the server was never reachable.
+
+**Guarantees.** Every operation is in the spool before it is sent and is removed
+only once the server has acknowledged all operations, so no point is lost by a
+crash of the server or of the training. Delivery is at-least-once, and the
+server makes it exactly-once in effect: MLflow ignores a metric point identical
+to one it has (same key, value, timestamp and step; each point's timestamp is
+fixed when it is spooled), tags are overwritten with the same value, and an
+artifact re-uploaded to the same path replaces itself. So :func:`sync` run twice,
+or a retry of a request whose answer was lost, adds nothing.
+
+**Where.** The spool is ``$GAPTRACK_SPOOL_DIR`` if set, else
+``$XDG_STATE_HOME/gaptrack/spool`` (``~/.local/state/gaptrack/spool``), one
+sub-directory per run; it is deleted once everything is on the server.
+Credentials are never written to it: a tracking URI is stored without its
+user-info part, and MLflow reads the credentials from its own environment
+variables (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``) when sending.
 
 This module knows MLflow and pandas, not Keras.
 """
 
+import json
 import os
+import queue
 import shutil
-import tempfile
+import threading
 import time
+import urllib.parse
+import urllib.request
+import uuid
 import warnings
+from pathlib import Path
 
 #: MLflow's limit of metrics in one ``log_batch`` request.
 MAX_METRICS_PER_BATCH = 1000
+#: Environment variable naming the spool directory.
+SPOOL_ENV = "GAPTRACK_SPOOL_DIR"
+#: Seconds :meth:`RunLogger.close` waits for the server at train end, by default.
+DEFAULT_CLOSE_TIMEOUT = 30.0
+_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class TrackingWarning(UserWarning):
     """A tracking request failed; the data is kept and retried."""
 
 
+class SyncError(RuntimeError):
+    """A spool directory cannot be synchronised; the message says why."""
+
+
+def spool_root():
+    """The directory under which runs are spooled (see the module docstring)."""
+    configured = os.environ.get(SPOOL_ENV)
+    if configured:
+        return Path(configured)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "gaptrack" / "spool"
+
+
+def redact_uri(uri):
+    """``uri`` without a ``user:password@`` part."""
+    parts = urllib.parse.urlsplit(uri or "")
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def _safe_relative(path):
+    """``path`` if it is relative and stays below its base, else ``None``."""
+    if not path:
+        return None
+    pure = Path(path)
+    if pure.is_absolute() or ".." in pure.parts or path.startswith(("/", "\\")):
+        return None
+    return path
+
+
+class Spool:
+    """One run's operations on disk: ``meta.json``, ``ops.jsonl``, ``acked`` and
+    the files of artifact operations under ``files/``."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+
+    @classmethod
+    def create(cls, meta):
+        root = spool_root()
+        spool = cls(root / uuid.uuid4().hex)
+        (spool.dir / "files").mkdir(parents=True)
+        spool.write_meta(meta)
+        return spool
+
+    def read_meta(self):
+        return json.loads((self.dir / "meta.json").read_text())
+
+    def write_meta(self, meta):
+        tmp = self.dir / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.dir / "meta.json")
+
+    def append(self, op):
+        with open(self.dir / "ops.jsonl", "a") as f:
+            f.write(json.dumps(op) + "\n")
+            f.flush()
+
+    def ops(self):
+        path = self.dir / "ops.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def acked(self):
+        path = self.dir / "acked"
+        return int(path.read_text()) if path.exists() else -1
+
+    def ack(self, seq):
+        tmp = self.dir / "acked.tmp"
+        tmp.write_text(str(seq))
+        os.replace(tmp, self.dir / "acked")
+
+    def file(self, relative):
+        safe = _safe_relative(relative)
+        if safe is None or not safe.startswith("files/"):
+            raise SyncError(f"spool {self.dir} names a file outside it: {relative!r}")
+        return self.dir / safe
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Sender:
+    """Sends one spool's operations to MLflow, in order."""
+
+    def __init__(self, spool, tracking_uri):
+        from mlflow.tracking import MlflowClient
+
+        self.spool = spool
+        self.client = MlflowClient(tracking_uri)
+
+    def run_id(self):
+        meta = self.spool.read_meta()
+        if meta.get("run_id") is None:
+            experiment_id = meta.get("experiment_id")
+            if experiment_id is None:
+                name = meta.get("experiment_name")
+                experiment = self.client.get_experiment_by_name(name) if name else None
+                experiment_id = (experiment.experiment_id if experiment
+                                 else self.client.create_experiment(name) if name else "0")
+            run = self.client.create_run(experiment_id, tags=meta.get("run_tags") or {},
+                                         run_name=meta.get("run_name"))
+            meta["run_id"] = run.info.run_id
+            self.spool.write_meta(meta)
+        return meta["run_id"]
+
+    def send(self, op):
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self.run_id()
+        kind = op["type"]
+        if kind == "metrics":
+            points = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
+            for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(run_id, metrics=points[start:start + MAX_METRICS_PER_BATCH],
+                                      synchronous=True)
+        elif kind == "tags":
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()],
+                                  synchronous=True)
+        elif kind == "artifact":
+            directory = op.get("dir")
+            if directory is not None and _safe_relative(directory) is None:
+                raise SyncError(f"artifact directory {directory!r} is not a relative path")
+            self.client.log_artifact(run_id, str(self.spool.file(op["path"])), directory)
+        elif kind == "end":
+            self.client.set_terminated(run_id, op["status"])
+        else:
+            raise SyncError(f"unknown operation {kind!r} in {self.spool.dir}")
+
+
 class RunLogger:
-    """One MLflow run's metrics, tags and tables, buffered and retried.
+    """One MLflow run's metrics, tags and artifacts: spooled, sent in the
+    background, retried.
 
     Args:
         run_id: log to this run; by default the active run is joined, or a new
-            one is started (and ended again by :meth:`close`).
+            run is created in the current experiment (and ended by :meth:`close`).
+        close_timeout: seconds :meth:`close` waits for the server.
 
     Example:
         >>> logger = RunLogger()
@@ -37,118 +209,234 @@ class RunLogger:
         >>> logger.close()
     """
 
-    def __init__(self, run_id=None):
-        self.run_id = run_id
-        self.owns_run = False
-        self._client = None
-        self._metrics = []
-        self._tags = {}
-        self._artifacts = []
-        self._outbox = tempfile.mkdtemp(prefix="gaptrack-outbox-")
-        self.failures = 0
-
-    # -- run ---------------------------------------------------------------------
-
-    def _ensure_run(self):
+    def __init__(self, run_id=None, close_timeout=DEFAULT_CLOSE_TIMEOUT):
         import mlflow
-        from mlflow.tracking import MlflowClient
 
-        if self._client is None:
-            self._client = MlflowClient(mlflow.get_tracking_uri())
-        if self.run_id is None:
-            active = mlflow.active_run()
-            if active is not None:
-                self.run_id = active.info.run_id
-            else:
-                self.run_id = mlflow.start_run().info.run_id
-                self.owns_run = True
+        self.tracking_uri = mlflow.get_tracking_uri()
+        self.close_timeout = close_timeout
+        self.owns_run = False
+        if run_id is None and mlflow.active_run() is not None:
+            run_id = mlflow.active_run().info.run_id
+        meta = {"tracking_uri": redact_uri(self.tracking_uri), "run_id": run_id}
+        if run_id is None:
+            from mlflow.tracking.context.registry import resolve_tags
+            from mlflow.tracking.fluent import _get_experiment_id
+
+            self.owns_run = True
+            try:
+                meta["experiment_id"] = _get_experiment_id()
+            except Exception:  # noqa: BLE001 - the name is resolved when sending
+                meta["experiment_name"] = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+            meta["run_tags"] = {k: str(v) for k, v in resolve_tags().items()}
+        self.spool = Spool.create(meta)
+        self._sender = _Sender(self.spool, self.tracking_uri)
+        self._seq = 0
+        self._sent = -1
+        self._errors = []
+        self._failing = False
+        self._queue = queue.Queue()
+        self._idle = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="gaptrack-logger", daemon=True)
+        self._thread.start()
+        if self.owns_run:
+            self._try_create_run()
+
+    # -- the run -----------------------------------------------------------------
+
+    def _try_create_run(self):
+        """Create the run now when the server answers quickly, so its id is known."""
+        if not _reachable(self.tracking_uri):
+            self._errors.append(f"tracking server {redact_uri(self.tracking_uri)} unreachable")
+            return
+        try:
+            self._sender.run_id()
+        except Exception as exc:  # noqa: BLE001 - the sender retries it
+            self._errors.append(f"{type(exc).__name__}: {exc}")
+
+    @property
+    def run_id(self):
+        """The run's id (``None`` while it could not be created)."""
+        return self.spool.read_meta().get("run_id") if self.spool.dir.exists() else self._run_id
+
+    _run_id = None
 
     # -- queueing ----------------------------------------------------------------
 
-    def log_metrics(self, metrics, step):
-        """Queue ``{key: value}`` at ``step`` and send everything queued."""
-        from mlflow.entities import Metric
+    def _enqueue(self, op):
+        self._report()
+        op["seq"] = self._seq
+        self._seq += 1
+        self.spool.append(op)
+        self._queue.put(op)
 
+    def log_metrics(self, metrics, step):
+        """Queue ``{key: value}`` at ``step`` (one ``log_batch`` request)."""
         timestamp = int(time.time() * 1000)
-        self._metrics.extend(
-            Metric(key, float(value), timestamp, int(step)) for key, value in metrics.items()
-        )
-        return self.flush()
+        self._enqueue({"type": "metrics", "metrics": [
+            [key, float(value), timestamp, int(step)] for key, value in metrics.items()]})
 
     def set_tags(self, tags):
-        """Queue tags (values made strings) and send everything queued."""
-        self._tags.update({key: str(value) for key, value in tags.items()})
-        return self.flush()
+        """Queue tags (values made strings)."""
+        self._enqueue({"type": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_table(self, frame, artifact_path):
-        """Queue a DataFrame as a Parquet artifact (``dir/name.parquet``)."""
-        directory, name = os.path.split(artifact_path)
-        local_dir = os.path.join(self._outbox, str(len(self._artifacts)))
-        os.makedirs(local_dir)
-        local = os.path.join(local_dir, name)
-        frame.to_parquet(local, index=False)
-        self._artifacts.append((local, directory or None))
-        return self.flush()
+        """Queue a DataFrame as a Parquet artifact at ``dir/name.parquet``."""
+        directory, name = _split_artifact_path(artifact_path)
+        target = self._file_slot(name)
+        frame.to_parquet(target, index=False)
+        self._enqueue({"type": "artifact", "path": str(target.relative_to(self.spool.dir)),
+                       "dir": directory})
+
+    def log_artifact(self, local_path, artifact_dir=None):
+        """Queue a copy of a local file as an artifact under ``artifact_dir``."""
+        if artifact_dir is not None and _safe_relative(artifact_dir) is None:
+            raise ValueError(f"artifact_dir must be a relative path inside the run, "
+                             f"got {artifact_dir!r}")
+        target = self._file_slot(os.path.basename(local_path))
+        shutil.copyfile(local_path, target)
+        self._enqueue({"type": "artifact", "path": str(target.relative_to(self.spool.dir)),
+                       "dir": artifact_dir})
+
+    def _file_slot(self, name):
+        slot = self.spool.dir / "files" / str(self._seq)
+        slot.mkdir(parents=True)
+        return slot / name
 
     @property
     def pending(self):
-        """Number of metric points, tags and artifacts not yet on the server."""
-        return len(self._metrics) + len(self._tags) + len(self._artifacts)
+        """Operations not yet acknowledged by the server."""
+        return self._seq - 1 - self._sent
 
     # -- sending -----------------------------------------------------------------
 
-    def flush(self):
-        """Send what is queued; return ``True`` when nothing is left."""
-        try:
-            self._ensure_run()
-            while self._metrics:
-                chunk = self._metrics[:MAX_METRICS_PER_BATCH]
-                self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
-                del self._metrics[: len(chunk)]
-            if self._tags:
-                from mlflow.entities import RunTag
+    def _work(self):
+        while True:
+            op = self._queue.get()
+            if op is None:
+                return
+            attempt = 0
+            while True:
+                try:
+                    self._sender.send(op)
+                    break
+                except Exception as exc:  # noqa: BLE001 - never raised into training
+                    self._errors.append(f"{type(exc).__name__}: {exc}")
+                    if self._stop.is_set():
+                        return
+                    self._stop.wait(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
+                    attempt += 1
+            self.spool.ack(op["seq"])
+            with self._idle:
+                self._sent = op["seq"]
+                self._idle.notify_all()
 
-                self._client.log_batch(
-                    self.run_id, tags=[RunTag(k, v) for k, v in self._tags.items()],
-                    synchronous=True,
-                )
-                self._tags.clear()
-            while self._artifacts:
-                local, directory = self._artifacts[0]
-                self._client.log_artifact(self.run_id, local, directory)
-                shutil.rmtree(os.path.dirname(local), ignore_errors=True)
-                self._artifacts.pop(0)
-        except Exception as exc:  # noqa: BLE001 - a tracking failure never stops training
-            self.failures += 1
-            warnings.warn(
-                f"gaptrack could not log to MLflow ({type(exc).__name__}: {exc}); "
-                f"{self.pending} item(s) kept and retried with the next epoch",
-                TrackingWarning,
-                stacklevel=3,
-            )
-            return False
-        return True
+    def _report(self):
+        """Turn the sender's failures into one warning in the calling thread."""
+        if self._errors:
+            last = self._errors[-1]
+            self._errors.clear()
+            if not self._failing:
+                warnings.warn(
+                    f"gaptrack could not log to MLflow ({last}); {self.pending} item(s) "
+                    "kept and retried in the background",
+                    TrackingWarning, stacklevel=4)
+            self._failing = True
+        elif self._failing and self.pending == 0:
+            self._failing = False
+
+    def flush(self, timeout=None):
+        """Wait until everything queued is on the server; ``True`` if it is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._sent < self._seq - 1:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._idle.wait(remaining)
+        self._report()
+        return self._sent >= self._seq - 1
 
     def close(self):
-        """Send what is left and end the run if this logger started it."""
-        done = self.flush()
-        if not done:
-            warnings.warn(
-                f"gaptrack could not log {self.pending} item(s) to MLflow run "
-                f"{self.run_id}; artifacts not sent are kept in {self._outbox}",
-                TrackingWarning,
-                stacklevel=2,
-            )
-        if self.owns_run:
-            import mlflow
+        """End the run (if this logger created it) and wait up to
+        ``close_timeout`` seconds for the server; ``True`` when all was sent.
 
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == self.run_id:
-                try:
-                    mlflow.end_run()
-                except Exception as exc:  # noqa: BLE001
-                    warnings.warn(f"gaptrack could not end run {self.run_id}: {exc}",
-                                  TrackingWarning, stacklevel=2)
+        What was not sent stays in the spool with a warning naming the
+        ``gaptrack sync`` command that sends it later."""
+        if self.owns_run:
+            self._enqueue({"type": "end", "status": "FINISHED"})
+        done = self.flush(self.close_timeout)
+        self._stop.set()
+        self._queue.put(None)
         if done:
-            shutil.rmtree(self._outbox, ignore_errors=True)
+            self._run_id = self.run_id
+            self.spool.remove()
+        else:
+            warnings.warn(
+                f"gaptrack could not send {self.pending} item(s) to MLflow in "
+                f"{self.close_timeout:g} s; they are kept in {self.spool.dir}: run "
+                f"`gaptrack sync {self.spool.dir}` when the server is back",
+                TrackingWarning, stacklevel=2)
         return done
+
+
+def _split_artifact_path(path):
+    directory, name = os.path.split(path)
+    if not name or (directory and _safe_relative(directory) is None):
+        raise ValueError(f"artifact path must be a relative file path inside the run, "
+                         f"got {path!r}")
+    return directory or None, name
+
+
+def _reachable(uri, timeout=3.0):
+    """Whether an HTTP tracking server answers ``/health`` quickly (non-HTTP
+    stores are local: always)."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except OSError:
+        return False
+
+
+def sync(path=None, tracking_uri=None):
+    """Send spooled operations that did not reach the server.
+
+    Args:
+        path: one run's spool directory, or a directory of them; default
+            :func:`spool_root`.
+        tracking_uri: where to send; default the URI the run was logged to
+            (credentials from MLflow's environment variables).
+
+    Returns:
+        ``[(spool directory, run id, operations sent)]``. A spool whose
+        operations all reached the server is deleted, so a second call sends
+        nothing.
+
+    Example:
+        >>> for directory, run_id, sent in sync():
+        ...     print(f"{run_id}: {sent} operations sent")
+    """
+    root = Path(path) if path is not None else spool_root()
+    if not root.exists():
+        raise SyncError(f"spool directory {str(root)!r} does not exist")
+    spools = [Spool(root)] if (root / "meta.json").exists() else [
+        Spool(d) for d in sorted(root.iterdir()) if (d / "meta.json").exists()]
+    results = []
+    for spool in spools:
+        meta = spool.read_meta()
+        sender = _Sender(spool, tracking_uri or meta["tracking_uri"])
+        acked, sent = spool.acked(), 0
+        for op in spool.ops():
+            if op["seq"] <= acked:
+                continue
+            sender.send(op)
+            spool.ack(op["seq"])
+            sent += 1
+        run_id = sender.run_id()
+        spool.remove()
+        results.append((str(spool.dir), run_id, sent))
+    return results

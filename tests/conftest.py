@@ -19,6 +19,7 @@ for _var, _sub in (("KERAS_HOME", "keras"), ("XDG_CONFIG_HOME", "config"),
     os.environ[_var] = str(_SANDBOX / _sub)
     (_SANDBOX / _sub).mkdir(parents=True, exist_ok=True)
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["GAPTRACK_SPOOL_DIR"] = str(_SANDBOX / "spool")
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 os.environ["MPLBACKEND"] = "Agg"
@@ -84,6 +85,18 @@ class MlflowServer:
         self.proc = None
 
 
+def _forget_mlflow_state():
+    """Drop MLflow's process-wide fluent state (active runs, the experiment set
+    by ``set_experiment``) so that one test's store does not leak into the next."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    fluent._active_experiment_id = None
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """One real tracking server for the whole session (startup takes ~10 s)."""
@@ -114,11 +127,10 @@ def sqlite_uri(tmp_path, monkeypatch, _empty_sqlite_store):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     import mlflow
 
+    _forget_mlflow_state()
     mlflow.set_tracking_uri(uri)
     yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    _forget_mlflow_state()
 
 
 @pytest.fixture
@@ -127,8 +139,7 @@ def server_uri(mlflow_server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import mlflow
 
+    _forget_mlflow_state()
     mlflow.set_tracking_uri(mlflow_server.url)
     yield mlflow_server.url
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    _forget_mlflow_state()
