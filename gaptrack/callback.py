@@ -29,11 +29,11 @@ import keras
 
 from gaptrack import __version__
 from gaptrack.decompose import decompose, gap_history, summarize
-from gaptrack.diagnosis import diagnose
 from gaptrack.measurement import Measurer
 from gaptrack.probe import Probe
+from gaptrack.report import log_report
 from gaptrack.snapshots import snapshot_frame, snapshot_path
-from gaptrack.tracking import RunLogger
+from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger
 
 #: Keras' default batch size for in-memory data.
 KERAS_DEFAULT_BATCH_SIZE = 32
@@ -84,6 +84,9 @@ class GapTracker(keras.callbacks.Callback):
         run_id: log to this MLflow run; by default the active run is joined, or
             a run is started (and ended at train end).
         inference_batch_size: batch size of the inference passes.
+        close_timeout: seconds the end of training waits for the tracking
+            server; what is not sent by then stays in the spool for
+            ``gaptrack sync`` (see :mod:`gaptrack.tracking`).
 
     Example:
         >>> import mlflow, gaptrack
@@ -102,7 +105,8 @@ class GapTracker(keras.callbacks.Callback):
     """
 
     def __init__(self, data, batch_size=None, *, probe_size=None, every=1, seed=0,
-                 bn_snapshots=True, run_id=None, inference_batch_size=None):
+                 bn_snapshots=True, run_id=None, inference_batch_size=None,
+                 close_timeout=DEFAULT_CLOSE_TIMEOUT):
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -117,6 +121,7 @@ class GapTracker(keras.callbacks.Callback):
         self.bn_snapshots = bn_snapshots
         self.inference_batch_size = inference_batch_size
         self._run_id = run_id
+        self.close_timeout = close_timeout
         self.logger = None
         self._measurer = None
         self._decompositions = []
@@ -135,7 +140,7 @@ class GapTracker(keras.callbacks.Callback):
         self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
                                   inference_batch_size=self.inference_batch_size)
         self._decompositions = []
-        self.logger = RunLogger(self._run_id)
+        self.logger = RunLogger(self._run_id, close_timeout=self.close_timeout)
         self.logger.set_tags({
             "gaptrack.version": __version__,
             "gaptrack.probe_size": self.probe.size,
@@ -156,13 +161,12 @@ class GapTracker(keras.callbacks.Callback):
             final["bn_worst/mean_lag"] = max(lag[0] for lag in self._last_lags.values())
             final["bn_worst/var_lag"] = max(lag[1] for lag in self._last_lags.values())
         self.logger.log_metrics(final, step=0)
-        tags = {}
-        if self._decompositions:
-            tags["gaptrack.diagnosis"] = diagnose(self._decompositions[-1], history)
         if self._last_lags:
-            tags["gaptrack.bn_worst_layer"] = max(self._last_lags,
-                                                  key=lambda k: self._last_lags[k][0])
-        self.logger.set_tags(tags)
+            self.logger.set_tags({"gaptrack.bn_worst_layer": max(
+                self._last_lags, key=lambda k: self._last_lags[k][0])})
+        if self._decompositions:
+            # from what reached the server: the diagnosis tags and gaptrack/report/
+            log_report(self.logger)
         self.logger.close()
 
     # -- the measurement ---------------------------------------------------------

@@ -62,6 +62,32 @@ class SyncError(RuntimeError):
     """A spool directory cannot be synchronised; the message says why."""
 
 
+def _http_status(exc):
+    getter = getattr(exc, "get_http_status_code", None)
+    try:
+        return int(getter()) if getter else None
+    except (TypeError, ValueError):
+        return None
+
+
+def describe_failure(exc):
+    """One line on a failed request; ``(text, permanent)``.
+
+    A refusal (HTTP 4xx but 429) will not go away by retrying: bad or missing
+    credentials, a deleted run. Anything else (connection refused, timeouts,
+    5xx) may.
+    """
+    status = _http_status(exc)
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if status in (401, 403):
+        return (f"the tracking server refused the request (HTTP {status}): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to credentials "
+                "it accepts", True)
+    if status is not None and 400 <= status < 500 and status != 429:
+        return f"the tracking server refused the request (HTTP {status}): {text}", True
+    return text, False
+
+
 def spool_root():
     """The directory under which runs are spooled (see the module docstring)."""
     configured = os.environ.get(SPOOL_ENV)
@@ -234,6 +260,7 @@ class RunLogger:
         self._sent = -1
         self._errors = []
         self._failing = False
+        self._fatal = None
         self._queue = queue.Queue()
         self._idle = threading.Condition()
         self._stop = threading.Event()
@@ -252,7 +279,7 @@ class RunLogger:
         try:
             self._sender.run_id()
         except Exception as exc:  # noqa: BLE001 - the sender retries it
-            self._errors.append(f"{type(exc).__name__}: {exc}")
+            self._errors.append(describe_failure(exc)[0])
 
     @property
     def run_id(self):
@@ -321,7 +348,14 @@ class RunLogger:
                     self._sender.send(op)
                     break
                 except Exception as exc:  # noqa: BLE001 - never raised into training
-                    self._errors.append(f"{type(exc).__name__}: {exc}")
+                    text, permanent = describe_failure(exc)
+                    self._errors.append(text)
+                    if permanent:
+                        # Retrying cannot help: keep the rest in the spool.
+                        with self._idle:
+                            self._fatal = text
+                            self._idle.notify_all()
+                        return
                     if self._stop.is_set():
                         return
                     self._stop.wait(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
@@ -349,7 +383,7 @@ class RunLogger:
         """Wait until everything queued is on the server; ``True`` if it is."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            while self._sent < self._seq - 1:
+            while self._sent < self._seq - 1 and self._fatal is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
@@ -372,10 +406,11 @@ class RunLogger:
             self._run_id = self.run_id
             self.spool.remove()
         else:
+            why = self._fatal or f"in {self.close_timeout:g} s"
             warnings.warn(
-                f"gaptrack could not send {self.pending} item(s) to MLflow in "
-                f"{self.close_timeout:g} s; they are kept in {self.spool.dir}: run "
-                f"`gaptrack sync {self.spool.dir}` when the server is back",
+                f"gaptrack could not send {self.pending} item(s) to MLflow ({why}); they "
+                f"are kept in {self.spool.dir}: run `gaptrack sync {self.spool.dir}` when "
+                "the server accepts them",
                 TrackingWarning, stacklevel=2)
         return done
 

@@ -1,0 +1,176 @@
+"""RunLogger and sync: spooled, background, retried, exactly once on the server."""
+
+import json
+import shutil
+import threading
+import time
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+import gaptrack
+from builders import blobs, mlp
+from conftest import MlflowServer, free_port
+from gaptrack.tracking import RunLogger, SyncError, TrackingWarning, redact_uri, spool_root, sync
+
+
+def point_counts(client, run_id, keys):
+    return {k: [p.step for p in client.get_metric_history(run_id, k)] for k in keys}
+
+
+def test_large_batches_are_chunked_and_the_spool_is_removed(sqlite_uri):
+    logger = RunLogger()
+    metrics = {f"m/{i}": float(i) for i in range(2500)}
+    logger.log_metrics(metrics, step=3)
+    logger.log_table(pd.DataFrame({"a": [1.5, 2.5]}), "tables/t.parquet")
+    spool = logger.spool.dir
+    assert spool.parent == spool_root() and spool.exists()
+    assert logger.close()
+    assert not spool.exists()
+    run = MlflowClient().get_run(logger.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == metrics
+    local = mlflow.artifacts.download_artifacts(run_id=logger.run_id, artifact_path="tables/t.parquet")
+    assert pd.read_parquet(local)["a"].tolist() == [1.5, 2.5]
+
+
+def test_artifact_paths_cannot_leave_the_run(sqlite_uri, tmp_path):
+    logger = RunLogger()
+    frame = pd.DataFrame({"a": [1]})
+    for bad in ("../x.parquet", "/etc/x.parquet", "a/../../x.parquet"):
+        with pytest.raises(ValueError, match="relative file path inside the run"):
+            logger.log_table(frame, bad)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ValueError, match="relative path inside the run, got '../up'"):
+        logger.log_artifact(str(tmp_path / "f.txt"), "../up")
+    logger.close()
+
+
+def test_credentials_are_not_spooled():
+    assert redact_uri("http://alice:s3cret@127.0.0.1:5000/x") == "http://127.0.0.1:5000/x"
+    assert redact_uri("sqlite:///tmp/a.db") == "sqlite:///tmp/a.db"
+
+
+def _train(epochs, tracker_kwargs=None, callbacks=()):
+    keras.utils.set_random_seed(0)
+    x, y = blobs(48)
+    model = mlp(bn=True)
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, **(tracker_kwargs or {}))
+    history = model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
+                        callbacks=[tracker, *callbacks])
+    return tracker, history
+
+
+def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.warns(TrackingWarning, match="gaptrack sync"):
+            tracker, history = _train(3, {"close_timeout": 1.0})
+        assert len(history.history["loss"]) == 3  # training completed
+        spool = tracker.logger.spool.dir
+        assert spool.exists() and tracker.run_id is None
+        meta = json.loads((spool / "meta.json").read_text())
+        assert meta["tracking_uri"] == f"http://127.0.0.1:{port}"
+        backup = tmp_path / "spool-copy"
+        shutil.copytree(spool, backup)
+
+        server = MlflowServer(tmp_path / "server", port=port).start()
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        try:
+            [(directory, run_id, sent)] = sync(spool.parent)
+            assert directory == str(spool) and sent > 0 and not spool.exists()
+            assert sync(spool.parent) == []  # a second sync adds nothing
+            # replaying the same operations (acks lost) adds nothing either
+            [(_, same_run, resent)] = sync(_with_run_id(backup, run_id))
+            assert same_run == run_id and resent == sent
+            client = MlflowClient(server.url)
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED"
+            steps = point_counts(client, run_id, ["fit/loss", "gap/loss", "eval_train/accuracy",
+                                                  "precise_bn/loss"])
+            assert all(s == [0, 1, 2] for s in steps.values()), steps
+            assert [p.value for p in client.get_metric_history(run_id, "fit/loss")] == \
+                history.history["loss"]
+            df = gaptrack.load_bn_snapshots(run_id, tracking_uri=server.url)
+            assert sorted(df.epoch.unique()) == [0, 1, 2]
+            assert run.data.tags["gaptrack.probe_size"] == "48"
+        finally:
+            server.stop()
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def _with_run_id(spool_copy, run_id):
+    """The copied spool as if the first sync had created the run, acks lost."""
+    meta = json.loads((spool_copy / "meta.json").read_text())
+    meta["run_id"] = run_id
+    (spool_copy / "meta.json").write_text(json.dumps(meta))
+    return spool_copy
+
+
+def test_server_killed_mid_training_and_restarted(tmp_path, monkeypatch):
+    """Killed after epoch 2 of 10 and restarted on the same store a few seconds
+    later: every epoch's metrics and snapshots reach it exactly once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.chdir(tmp_path)
+    server = MlflowServer(tmp_path / "server").start()
+    mlflow.set_tracking_uri(server.url)
+    restarted = []
+
+    def restart_later():
+        time.sleep(3)
+        server.start()
+        restarted.append(time.monotonic())
+
+    class Kill(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                server.stop()
+                threading.Thread(target=restart_later, daemon=True).start()
+
+    class EndTimer(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            self.start = time.monotonic()
+
+    try:
+        timer = EndTimer()
+        with pytest.warns(TrackingWarning):
+            tracker, history = _train(10, {"close_timeout": 60.0}, callbacks=[Kill(), timer])
+        finished = time.monotonic()
+        assert restarted and len(history.history["loss"]) == 10
+        # train end waited for the server at most the retry budget
+        assert finished - timer.start < 60.0
+        client = MlflowClient(server.url)
+        keys = ["fit/loss", "gap/loss", "gap/loss/bn_ema", "train_mode/accuracy"]
+        steps = point_counts(client, tracker.run_id, keys)
+        assert all(s == list(range(10)) for s in steps.values()), steps
+        df = gaptrack.load_bn_snapshots(tracker.run_id, tracking_uri=server.url)
+        assert sorted(df.epoch.unique()) == list(range(10))
+        assert (df.groupby("epoch").size() == df.groupby("epoch").size().iloc[0]).all()
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+        assert not tracker.logger.spool.dir.exists()
+    finally:
+        server.stop()
+        mlflow.set_tracking_uri(None)
+
+
+def test_sync_refuses_a_spool_that_points_outside_itself(tmp_path, sqlite_uri):
+    spool = tmp_path / "spool" / "abc"
+    (spool / "files").mkdir(parents=True)
+    (spool / "meta.json").write_text(json.dumps(
+        {"tracking_uri": sqlite_uri, "run_id": None, "experiment_id": "0"}))
+    (spool / "ops.jsonl").write_text(json.dumps(
+        {"seq": 0, "type": "artifact", "path": "../../../etc/passwd", "dir": None}) + "\n")
+    with pytest.raises(SyncError, match="outside it"):
+        sync(spool)
+    with pytest.raises(SyncError, match="does not exist"):
+        sync(tmp_path / "nope")
