@@ -110,6 +110,11 @@ class Measurer:
                 f"model {model.name!r} is not compiled; call model.compile(optimizer, "
                 "loss, metrics) first: gaptrack measures the loss and metrics it compiles"
             )
+        if model._compile_loss is None and not model.losses:
+            raise MeasureError(
+                f"model {model.name!r} was compiled without a loss; gaptrack measures the "
+                "loss and metrics that fit() reports: compile with loss=... (and metrics=...)"
+            )
         self.model = model
         self.batch_size = _check_batch_size("batch_size", batch_size)
         if inference_batch_size is not None:

@@ -62,6 +62,35 @@ class SyncError(RuntimeError):
     """A spool directory cannot be synchronised; the message says why."""
 
 
+class TrackingURIError(ValueError):
+    """The tracking URI is malformed; the message says what is accepted."""
+
+
+_URI_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
+                "databricks")
+
+
+def check_tracking_uri(uri):
+    """Raise :class:`TrackingURIError` unless ``uri`` has a form MLflow can use.
+
+    Accepted: ``http(s)://host[:port]``, ``sqlite:///path``,
+    ``postgresql://...``/``mysql://...``/``mssql://...`` (with an optional
+    ``+driver``), ``file:...`` and ``databricks``. Whether the server answers is
+    not checked here: an unreachable server is spooled for, not refused.
+    """
+    parts = urllib.parse.urlsplit(uri or "")
+    scheme = "databricks" if uri == "databricks" else parts.scheme.split("+")[0]
+    accepted = ("accepted: http(s)://host:port, sqlite:///path/to/mlflow.db, "
+                "postgresql://user@host/db (or mysql, mssql), file:/path, databricks")
+    if scheme not in _URI_SCHEMES:
+        raise TrackingURIError(f"tracking URI {redact_uri(uri)!r} has no usable scheme; {accepted}")
+    if scheme in ("http", "https") and not parts.hostname:
+        raise TrackingURIError(f"tracking URI {redact_uri(uri)!r} names no host; {accepted}")
+    if scheme == "sqlite" and not parts.path.strip("/"):
+        raise TrackingURIError(f"tracking URI {redact_uri(uri)!r} names no database file; "
+                               f"{accepted}")
+
+
 def _http_status(exc):
     getter = getattr(exc, "get_http_status_code", None)
     try:
@@ -239,6 +268,7 @@ class RunLogger:
         import mlflow
 
         self.tracking_uri = mlflow.get_tracking_uri()
+        check_tracking_uri(self.tracking_uri)
         self.close_timeout = close_timeout
         self.owns_run = False
         if run_id is None and mlflow.active_run() is not None:
