@@ -487,7 +487,11 @@ def sync(path=None, tracking_uri=None):
     """
     root = Path(path) if path is not None else spool_root()
     if not root.exists():
+        if path is None:
+            return []  # nothing was ever spooled
         raise SyncError(f"spool directory {str(root)!r} does not exist")
+    if tracking_uri is not None:
+        check_tracking_uri(tracking_uri)
     spools = [Spool(root)] if (root / "meta.json").exists() else [
         Spool(d) for d in sorted(root.iterdir()) if (d / "meta.json").exists()]
     results = []

@@ -174,3 +174,40 @@ def test_sync_refuses_a_spool_that_points_outside_itself(tmp_path, sqlite_uri):
         sync(spool)
     with pytest.raises(SyncError, match="does not exist"):
         sync(tmp_path / "nope")
+
+
+def test_gaptrack_sync_command(tmp_path, monkeypatch):
+    """Spooled while the server is unreachable, then `gaptrack sync` sends it to a
+    store given on the command line; a second call has nothing to send."""
+    from click.testing import CliRunner
+
+    from gaptrack.cli import main
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
+    try:
+        logger = RunLogger(close_timeout=0.5)
+        logger.log_metrics({"gap/loss": 0.25, "fit/loss": 1.0}, step=0)
+        logger.log_metrics({"gap/loss": 0.125, "fit/loss": 0.5}, step=1)
+        with pytest.warns(TrackingWarning, match="gaptrack sync"):
+            assert not logger.close()
+    finally:
+        mlflow.set_tracking_uri(None)
+    store = f"sqlite:///{tmp_path / 'late.db'}"
+    runner = CliRunner()
+    result = runner.invoke(main, ["sync", str(logger.spool.dir), "--tracking-uri", store])
+    assert result.exit_code == 0, result.output
+    [line] = [l for l in result.output.splitlines() if "sent from" in l]
+    run_id, rest = line.split(":", 1)
+    assert "3 operation(s) sent" in rest  # two metric batches and the end of the run
+    client = MlflowClient(store)
+    assert [(p.step, p.value) for p in client.get_metric_history(run_id, "gap/loss")] == \
+        [(0, 0.25), (1, 0.125)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    again = runner.invoke(main, ["sync", "--tracking-uri", store])
+    assert again.exit_code == 0 and "nothing to sync" in again.output
+    bad = runner.invoke(main, ["sync", str(tmp_path / "missing")])
+    assert bad.exit_code == 1 and "does not exist" in bad.output
+    bad = runner.invoke(main, ["sync", "--tracking-uri", "htp:/x"])
+    assert bad.exit_code == 1 and "'htp:/x' has no usable scheme; accepted" in bad.output

@@ -1,0 +1,233 @@
+"""Benchmark ``gaptrack.rank_runs`` against SQLite and a local ``mlflow server``.
+
+Fills a fresh SQLite tracking store with ``--runs`` tracked runs (bulk inserts
+through the DB-API connection of MLflow's own SqlAlchemyStore engine, into the
+tables it created), each with ``--epochs`` epochs of per-epoch gaptrack metrics
+(8 keys x 2 metrics) and the run summaries, then prints, in one run:
+
+- the time ``rank_runs(top_k=...)`` takes for each ranking key, against the
+  SQLite store and against an ``mlflow server`` started on 127.0.0.1 over the
+  same store (first call in the process, which includes MLflow's store set-up,
+  and the median of 3 warm calls; the server is given 10 s after it first
+  answers to finish starting its background job runner);
+- the naive way: list the runs, fetch each run's ``gap/loss`` history, sort in
+  Python; timed on ``--naive-sample`` runs and extrapolated linearly to all runs;
+- the Python heap peak of a ranking (tracemalloc), for two sizes of ``top_k``.
+
+The ranking returned is checked against the top runs computed from the values
+generated here.
+
+Usage:
+    python benchmarks/bench_compare.py --runs 10000
+"""
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import urllib.request
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import numpy as np  # noqa: E402
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from gaptrack.compare import rank_runs  # noqa: E402
+
+EXPERIMENT = "bench-compare"
+METRICS = ("loss", "accuracy")
+KEYS = ("final", "max_abs", "mean_abs")
+_SETTLE_SECONDS = 10  # after /health answers, the server still starts its job runner
+
+
+def fill_store(uri, artifacts, runs, epochs, seed=0):
+    """Create the store and its runs; return {key: {run_id: |gap_<key>/loss|}}."""
+    store = SqlAlchemyStore(uri, artifacts)
+    experiment_id = int(store.create_experiment(EXPERIMENT))
+    rng = np.random.default_rng(seed)
+    now = int(time.time() * 1000)
+    rows = {"runs": [], "metrics": [], "latest_metrics": [], "tags": [], "params": []}
+    sizes = {key: {} for key in KEYS}
+    for i in range(runs):
+        run_id = uuid.uuid4().hex
+        rows["runs"].append((run_id, f"run-{i}", "LOCAL", "bench", "", "bench", "FINISHED",
+                             now + i, now + i + 1, "", "active", f"{artifacts}/{run_id}",
+                             experiment_id))
+        for m in METRICS:
+            fit, eval_train, train_mode, precise_bn = rng.normal(0.0, 1.0, size=(4, epochs))
+            gap = fit - eval_train
+            series = {f"fit/{m}": fit, f"eval_train/{m}": eval_train,
+                      f"train_mode/{m}": train_mode, f"precise_bn/{m}": precise_bn,
+                      f"gap/{m}": gap, f"gap/{m}/drift": fit - train_mode,
+                      f"gap/{m}/mode": train_mode - precise_bn,
+                      f"gap/{m}/bn_ema": precise_bn - eval_train}
+            for key, values in series.items():
+                rows["metrics"] += [(key, float(v), now + s, s, False, run_id)
+                                    for s, v in enumerate(values)]
+                rows["latest_metrics"].append((key, float(values[-1]), now + epochs - 1,
+                                               epochs - 1, False, run_id))
+            summaries = {"final": gap[-1], "max_abs": np.max(np.abs(gap)),
+                         "mean_abs": np.mean(np.abs(gap))}
+            for key, value in summaries.items():
+                row = (f"gap_{key}/{m}", float(value), now + epochs, 0, False, run_id)
+                rows["metrics"].append(row)
+                rows["latest_metrics"].append(row)
+                if m == "loss":
+                    sizes[key][run_id] = abs(value)
+        rows["tags"] += [(k, v, run_id) for k, v in (
+            ("gaptrack.version", "0.1.0"), ("gaptrack.diagnosis", "drift"),
+            ("gaptrack.probe_size", "1024"), ("mlflow.runName", f"run-{i}"))]
+        rows["params"] += [(k, v, run_id) for k, v in (
+            ("learning_rate", f"{rng.uniform(1e-4, 1e-1):.5f}"), ("batch_size", "32"),
+            ("epochs", str(epochs)))]
+    columns = {
+        "runs": "run_uuid, name, source_type, source_name, entry_point_name, user_id, status, "
+                "start_time, end_time, source_version, lifecycle_stage, artifact_uri, "
+                "experiment_id",
+        "metrics": "key, value, timestamp, step, is_nan, run_uuid",
+        "latest_metrics": "key, value, timestamp, step, is_nan, run_uuid",
+        "tags": "key, value, run_uuid",
+        "params": "key, value, run_uuid",
+    }
+    connection = store.engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        for table, names in columns.items():
+            marks = ", ".join("?" * len(names.split(",")))
+            cursor.executemany(f'INSERT INTO {table} ({names}) VALUES ({marks})', rows[table])
+        connection.commit()
+    finally:
+        connection.close()
+    store.engine.dispose()
+    return sizes
+
+
+def time_ranking(uri, top_k, expected):
+    """{key: (first call s, median warm s)}; checks each ranking against ``expected``."""
+    times = {}
+    for key in KEYS:
+        calls = []
+        for _ in range(4):
+            start = time.perf_counter()
+            ranking = rank_runs(EXPERIMENT, metric="loss", by=key, top_k=top_k, tracking_uri=uri)
+            calls.append(time.perf_counter() - start)
+        assert list(ranking.run_id) == expected[key], f"ranking by {key} is wrong"
+        times[key] = (calls[0], statistics.median(calls[1:]))
+    return times
+
+
+def time_naive(uri, sample, total):
+    """Seconds for the naive ranking of ``sample`` runs, and extrapolated to ``total``:
+    list the runs, fetch each one's gap/loss history, rank in Python."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    start = time.perf_counter()
+    runs = client.search_runs([experiment_id], "tags.`gaptrack.version` IS NOT NULL",
+                              max_results=sample)
+    sizes = {}
+    for run in runs:
+        gap = [p.value for p in sorted(client.get_metric_history(run.info.run_id, "gap/loss"),
+                                       key=lambda p: p.step)]
+        sizes[run.info.run_id] = max(abs(g) for g in gap)
+    sorted(sizes, key=sizes.get, reverse=True)
+    elapsed = time.perf_counter() - start
+    return elapsed, elapsed * total / len(runs)
+
+
+def heap_peak(uri, top_k):
+    """Peak Python heap (MiB) while ranking by max_abs with ``top_k``."""
+    tracemalloc.start()
+    rank_runs(EXPERIMENT, metric="loss", by="max_abs", top_k=top_k, tracking_uri=uri)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2**20
+
+
+def start_server(root, backend_uri):
+    """An ``mlflow server`` on a free port of 127.0.0.1; (process, url)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+         "--artifacts-destination", str(root / "served"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited; see {root / 'server.log'}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                time.sleep(_SETTLE_SECONDS)
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    stop_server(process)
+    raise TimeoutError(f"mlflow server did not answer at {url} within 300 s")
+
+
+def stop_server(process):
+    """Kill the server and the processes it started (uvicorn, job runner)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=10_000, help="tracked runs in the store")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of history per run")
+    parser.add_argument("--top-k", type=int, default=10, help="runs ranked per query")
+    parser.add_argument("--naive-sample", type=int, default=200,
+                        help="runs the naive way is timed on (then extrapolated)")
+    args = parser.parse_args()
+    top_k = min(args.top_k, args.runs)
+
+    with tempfile.TemporaryDirectory(prefix="gaptrack-bench-") as tmp:
+        root = Path(tmp)
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        start = time.perf_counter()
+        sizes = fill_store(uri, str(root / "artifacts"), args.runs, args.epochs)
+        print(f"filled {uri}: {args.runs} tracked runs x {args.epochs} epochs x "
+              f"{8 * len(METRICS)} per-epoch keys in {time.perf_counter() - start:.1f} s")
+        expected = {key: sorted(s, key=s.get, reverse=True)[:top_k] for key, s in sizes.items()}
+        sample = min(args.naive_sample, args.runs)
+
+        results = {"sqlite": (uri, time_ranking(uri, top_k, expected),
+                              time_naive(uri, sample, args.runs))}
+        peaks = (heap_peak(uri, top_k), heap_peak(uri, min(10 * top_k, args.runs)))
+        server, url = start_server(root, uri)
+        try:
+            results["http"] = (url, time_ranking(url, top_k, expected),
+                               time_naive(url, sample, args.runs))
+        finally:
+            stop_server(server)
+
+    print(f"\nrank_runs(top_k={top_k}) over {args.runs} runs, "
+          f"seconds (first call in process / median of 3 warm calls):")
+    for backend, (where, times, (naive, naive_all)) in results.items():
+        print(f"  {backend:6s} {where}")
+        for key, (first, warm) in times.items():
+            print(f"    by={key:8s} first {first:6.2f}  warm {warm:6.2f}")
+        slowest = max(warm for _, warm in times.values())
+        print(f"    naive (list + one get_metric_history per run + sort): {naive:.2f} s for "
+              f"{sample} runs, extrapolated linearly to {args.runs}: {naive_all:.1f} s")
+        print(f"    naive / rank_runs (slowest key, warm): {naive_all / slowest:.0f}x")
+    print(f"\nPython heap peak while ranking (tracemalloc): top_k={top_k}: {peaks[0]:.1f} MiB, "
+          f"top_k={min(10 * top_k, args.runs)}: {peaks[1]:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
