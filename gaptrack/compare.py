@@ -44,12 +44,7 @@ import heapq
 import html
 import itertools
 import math
-import os
-import urllib.error
-import urllib.parse
-import urllib.request
 
-import mlflow
 import pandas as pd
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
@@ -205,29 +200,13 @@ def _gap_curves(client, runs, metric):
 
 
 def _client(tracking_uri):
-    """An MlflowClient for ``tracking_uri`` (or MLflow's default), after checking
-    that the server answers or the SQLite file exists, so that a wrong URI is one
-    clear error instead of minutes of retries or a new empty store."""
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    scheme = urllib.parse.urlparse(uri).scheme
-    if scheme in ("http", "https"):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
-        except urllib.error.HTTPError:
-            pass  # it answered: reachable
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise CompareError(
-                f"tracking server {uri} is unreachable ({reason}); pass a running server "
-                "or store with --tracking-uri or MLFLOW_TRACKING_URI") from None
-    elif scheme == "sqlite":
-        from sqlalchemy.engine import make_url
+    """:func:`gaptrack.tracking.open_client`, its error as a :class:`CompareError`."""
+    from gaptrack.tracking import TrackingURIError, open_client
 
-        path = make_url(uri).database
-        if path and path != ":memory:" and not os.path.exists(path):
-            raise CompareError(f"tracking store {uri} does not exist (no file {path}); pass an "
-                               "existing store with --tracking-uri or MLFLOW_TRACKING_URI")
-    return MlflowClient(uri), uri
+    try:
+        return open_client(tracking_uri)
+    except TrackingURIError as e:
+        raise CompareError(str(e)) from None
 
 
 def _resolve_experiments(client, experiments):

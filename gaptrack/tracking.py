@@ -467,6 +467,34 @@ def _reachable(uri, timeout=3.0):
         return False
 
 
+def open_client(tracking_uri=None, timeout=10.0):
+    """An ``MlflowClient`` for ``tracking_uri`` (default: MLflow's current one),
+    after checking that the URI is well formed, that an HTTP server answers and
+    that a SQLite file exists: a wrong URI is one clear :class:`TrackingURIError`
+    instead of minutes of retries or a new, empty store.
+
+    Returns:
+        ``(client, uri)``.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    check_tracking_uri(uri)
+    where = ("pass a running server or an existing store with --tracking-uri or "
+             "MLFLOW_TRACKING_URI")
+    if not _reachable(uri, timeout=timeout):
+        raise TrackingURIError(f"tracking server {redact_uri(uri)} is unreachable; {where}")
+    if uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        path = make_url(uri).database
+        if path and path != ":memory:" and not os.path.exists(path):
+            raise TrackingURIError(f"tracking store {uri} does not exist (no file {path}); "
+                                   f"{where}")
+    return MlflowClient(uri), uri
+
+
 def sync(path=None, tracking_uri=None):
     """Send spooled operations that did not reach the server.
 
