@@ -31,7 +31,7 @@ from gaptrack import __version__
 from gaptrack.decompose import decompose, gap_history, summarize
 from gaptrack.measurement import Measurer
 from gaptrack.probe import Probe
-from gaptrack.report import log_report
+from gaptrack.report import RunHistory, log_report
 from gaptrack.snapshots import snapshot_frame, snapshot_path
 from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger
 
@@ -140,6 +140,7 @@ class GapTracker(keras.callbacks.Callback):
         self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
                                   inference_batch_size=self.inference_batch_size)
         self._decompositions = []
+        self._history = {}
         self.logger = RunLogger(self._run_id, close_timeout=self.close_timeout)
         self.logger.set_tags({
             "gaptrack.version": __version__,
@@ -165,8 +166,13 @@ class GapTracker(keras.callbacks.Callback):
             self.logger.set_tags({"gaptrack.bn_worst_layer": max(
                 self._last_lags, key=lambda k: self._last_lags[k][0])})
         if self._decompositions:
-            # from what reached the server: the diagnosis tags and gaptrack/report/
-            log_report(self.logger)
+            # the diagnosis tags and gaptrack/report/, from what reached the server
+            # (or, if it did not in time, from the tracker's own copy)
+            local = RunHistory(
+                run_id=self.logger.run_id, run_name=self.logger.run_id or "(not yet created)",
+                metrics={k: dict(v) for k, v in self._history.items()},
+                tags={"gaptrack.probe_size": str(self.probe.size)})
+            log_report(self.logger, local)
         self.logger.close()
 
     # -- the measurement ---------------------------------------------------------
@@ -205,6 +211,8 @@ class GapTracker(keras.callbacks.Callback):
             if self.bn_snapshots and m.bn:
                 self.logger.log_table(snapshot_frame(step, m.bn), snapshot_path(step))
         self.logger.log_metrics(metrics, step=step)
+        for key, value in metrics.items():
+            self._history.setdefault(key, {})[step] = value
         return metrics
 
     @contextlib.contextmanager

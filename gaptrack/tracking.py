@@ -421,15 +421,25 @@ class RunLogger:
         self._report()
         return self._sent >= self._seq - 1
 
+    def remaining_budget(self):
+        """Seconds left of ``close_timeout`` for the end of training; the clock
+        starts at the first call, so that all waits at train end together stay
+        within the budget."""
+        if self._end_deadline is None:
+            self._end_deadline = time.monotonic() + self.close_timeout
+        return max(self._end_deadline - time.monotonic(), 0.0)
+
+    _end_deadline = None
+
     def close(self):
-        """End the run (if this logger created it) and wait up to
-        ``close_timeout`` seconds for the server; ``True`` when all was sent.
+        """End the run (if this logger created it) and wait for the server, for
+        what is left of ``close_timeout`` seconds; ``True`` when all was sent.
 
         What was not sent stays in the spool with a warning naming the
         ``gaptrack sync`` command that sends it later."""
         if self.owns_run:
             self._enqueue({"type": "end", "status": "FINISHED"})
-        done = self.flush(self.close_timeout)
+        done = self.flush(self.remaining_budget())
         self._stop.set()
         self._queue.put(None)
         if done:

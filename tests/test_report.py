@@ -1,0 +1,249 @@
+"""The per-run report: its numbers parsed back against the logged metrics, its
+artifacts, the ``gaptrack report`` command, and that it never stops training."""
+
+import base64
+import html
+import math
+import os
+import re
+import shutil
+import warnings
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import gaptrack
+from builders import blobs, mlp
+from gaptrack.cli import main
+from gaptrack.diagnosis import PARTS
+from gaptrack.report import REPORT_DIR, ReportWarning, RunHistory, build_report
+
+SENTENCE = re.compile(
+    r"At epoch (?P<epoch>\d+), fit\(\) reported (?P<metric>\S+) (?P<fit>\S+) and evaluate\(\) "
+    r"on the training data says (?P<eval>\S+): a gap of (?P<gap>\S+) \(fit - evaluate\), of "
+    r"which (?P<cause>\w+), because .+?, explains (?P<part>\S+)(?: \((?P<share>-?\d+)% of it\))?, "
+    r"against (?P<other1>\w+) (?P<value1>\S+) and (?P<other2>\w+) (?P<value2>\S+), and a noise "
+    r"of ±(?P<noise>\S+) \((?P<z>\S+) standard errors? on (?P<n>\d+) samples\)\.")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def printed(value):
+    """pytest.approx for a number printed with 4 significant digits."""
+    return pytest.approx(value, rel=5.001e-4, abs=1e-12)
+
+
+def table(markdown):
+    """``{metric: {column: text}}`` of the report's Markdown table."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells))
+            for line in lines[1:] for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+def last(client, run_id, key):
+    """``(step, value)`` of the last logged point of ``key``."""
+    points = client.get_metric_history(run_id, key)
+    step = max(p.step for p in points)
+    return step, next(p.value for p in points if p.step == step)
+
+
+@pytest.fixture(scope="module")
+def bn_store(tmp_path_factory, _empty_sqlite_store):
+    """One tracked run, shared by the module: a small model with BN and Dropout,
+    3 epochs, in its own SQLite store (``(directory, uri, run_id)``)."""
+    root = tmp_path_factory.mktemp("report-store")
+    shutil.copy(_empty_sqlite_store, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(root)  # the store's artifact root is relative to the working directory
+    mlflow.set_tracking_uri(uri)
+    try:
+        keras.utils.set_random_seed(0)
+        x, y = blobs(128)
+        tracker = gaptrack.GapTracker((x, y), batch_size=32)
+        mlp(bn=True, dropout=0.2).fit(x, y, batch_size=32, epochs=3, verbose=0,
+                                      callbacks=[tracker])
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.chdir(cwd)
+    return root, uri, tracker.run_id
+
+
+@pytest.fixture
+def bn_run(bn_store, monkeypatch):
+    """``(uri, run_id)`` of the shared run, its store the current one."""
+    root, uri, run_id = bn_store
+    monkeypatch.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    yield uri, run_id
+    mlflow.set_tracking_uri(None)
+
+
+def test_numbers_in_the_report_are_the_logged_metrics(bn_run):
+    uri, run_id = bn_run
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    markdown = mlflow.artifacts.load_text(f"runs:/{run_id}/{REPORT_DIR}/report.md")
+    match = SENTENCE.search(markdown)
+    assert match, markdown
+    s = match.groupdict()
+    epoch, gap = last(client, run_id, "gap/loss")
+    assert int(s["epoch"]) == epoch == 2 and s["metric"] == "loss"
+    assert float(s["fit"]) == printed(last(client, run_id, "fit/loss")[1])
+    assert float(s["eval"]) == printed(last(client, run_id, "eval_train/loss")[1])
+    assert float(s["gap"]) == printed(gap)
+    parts = {p: last(client, run_id, f"gap/loss/{p}")[1] for p in PARTS}
+    assert s["cause"] == max(parts, key=lambda p: abs(parts[p])) == run.data.tags[
+        "gaptrack.diagnosis"]
+    assert float(s["part"]) == printed(parts[s["cause"]])
+    if s["share"] is not None:
+        assert int(s["share"]) == round(100 * parts[s["cause"]] / gap)
+    assert {s["other1"], s["other2"]} == set(PARTS) - {s["cause"]}
+    assert float(s["value1"]) == printed(parts[s["other1"]])
+    assert float(s["value2"]) == printed(parts[s["other2"]])
+    noise = last(client, run_id, "noise/loss")[1]
+    assert float(s["noise"]) == printed(float(s["z"]) * noise)
+    assert int(s["n"]) == 128 == int(run.data.tags["gaptrack.probe_size"])
+    assert f"**Diagnosis: `{s['cause']}`**" in markdown
+    if s["cause"] == "bn_ema":
+        assert "gaptrack.recalibrate_bn(model, (x_train, y_train), batch_size=32)" in markdown
+
+    rows = table(markdown)
+    assert list(rows) == ["loss", "accuracy"]
+    for m, row in rows.items():
+        for column, key in (("fit", f"fit/{m}"), ("evaluate", f"eval_train/{m}"),
+                            ("gap", f"gap/{m}"), *((p, f"gap/{m}/{p}") for p in PARTS)):
+            assert float(row[column]) == printed(last(client, run_id, key)[1]), (m, column)
+    p = last(client, run_id, "eval_train/accuracy")[1]
+    assert float(rows["accuracy"]["noise (SE)"]) == printed(np.sqrt(p * (1 - p) / 128))
+    assert float(rows["loss"]["noise (SE)"]) == printed(noise)
+
+
+def test_artifacts_and_a_self_contained_html(bn_run):
+    uri, run_id = bn_run
+    client = MlflowClient(uri)
+    files = {f.path: f.file_size for f in client.list_artifacts(run_id, REPORT_DIR)}
+    assert set(files) == {f"{REPORT_DIR}/{name}" for name in
+                          ("report.html", "report.md", "decomposition.png", "bn_staleness.png")}
+    pngs = {}
+    for name in ("decomposition.png", "bn_staleness.png"):
+        local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{REPORT_DIR}/{name}")
+        with open(local, "rb") as f:
+            pngs[name] = f.read()
+        assert pngs[name].startswith(PNG)
+        image = keras.utils.load_img(local)
+        assert image.width >= 600 and image.height >= 150
+    page = mlflow.artifacts.load_text(f"runs:/{run_id}/{REPORT_DIR}/report.html")
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert sorted(base64.b64decode(s.split(",", 1)[1]) for s in sources) == sorted(pngs.values())
+    assert not re.search(r'(href|src)="(https?:)?//', page) and "<link" not in page
+    sentence = SENTENCE.search(mlflow.artifacts.load_text(
+        f"runs:/{run_id}/{REPORT_DIR}/report.md")).group(0)
+    assert html.escape(sentence) in page
+
+
+def test_cli_prints_the_report_and_writes_the_html(bn_run, tmp_path):
+    uri, run_id = bn_run
+    out = tmp_path / "local.html"
+    result = CliRunner().invoke(main, ["report", run_id, "--tracking-uri", uri, "--html", str(out)])
+    assert result.exit_code == 0, result.output
+    markdown = mlflow.artifacts.load_text(f"runs:/{run_id}/{REPORT_DIR}/report.md")
+    assert result.stdout.splitlines() == [
+        line for line in markdown.rstrip("\n").split("\n") if not line.startswith("![")][:-1]
+    assert out.read_text() == mlflow.artifacts.load_text(f"runs:/{run_id}/{REPORT_DIR}/report.html")
+    assert f"wrote {out}" in result.stderr
+
+    # MLFLOW_TRACKING_URI names the store when --tracking-uri is not given
+    by_env = CliRunner(env={"MLFLOW_TRACKING_URI": uri}).invoke(main, ["report", run_id])
+    assert by_env.exit_code == 0 and by_env.stdout == result.stdout
+    missing = tmp_path / "missing.db"
+    wrong = CliRunner(env={"MLFLOW_TRACKING_URI": f"sqlite:///{missing}"}).invoke(
+        main, ["report", run_id])
+    assert wrong.exit_code == 1 and str(missing) in wrong.stderr
+
+
+def test_cli_unknown_run_is_one_clear_error(sqlite_uri):
+    result = CliRunner().invoke(main, ["report", "0123456789abcdef", "--tracking-uri", sqlite_uri])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: run '0123456789abcdef' not found at tracking URI {sqlite_uri}"]
+    assert result.stdout == ""
+
+
+def synthetic(parts, noise, bn=False, epochs=3):
+    """A RunHistory whose last epoch has ``parts``; fit 0.75, evaluate = fit - gap."""
+    gap = sum(parts)
+    metrics = {"fit/loss": {}, "eval_train/loss": {}, "gap/loss": {}, "noise/loss": {},
+               **{f"gap/loss/{p}": {} for p in PARTS}}
+    for e in range(epochs):
+        metrics["fit/loss"][e], metrics["eval_train/loss"][e] = 0.75, 0.75 - gap
+        metrics["gap/loss"][e], metrics["noise/loss"][e] = gap, noise
+        for p, v in zip(PARTS, parts):
+            metrics[f"gap/loss/{p}"][e] = v
+        if bn:
+            metrics.setdefault("bn/block/bn_10/mean_lag", {})[e] = 0.5 / (e + 1)
+            metrics.setdefault("bn/block/bn_2/mean_lag", {})[e] = 0.25
+            metrics.setdefault("bn/block/bn_2/var_lag", {})[e] = 0.125
+            metrics.setdefault("bn/block/bn_10/var_lag", {})[e] = 0.0625
+    return RunHistory("r1", "synthetic", metrics, {"gaptrack.probe_size": "64",
+                                                    "gaptrack.batch_size": "16"})
+
+
+def test_sentence_and_remedy_for_each_cause():
+    report = build_report(synthetic((0.0625, 0.0, 0.1875), noise=0.03125, bn=True))
+    s = SENTENCE.search(report.sentence).groupdict()
+    assert (s["cause"], s["fit"], s["eval"], s["gap"], s["part"], s["share"]) == (
+        "bn_ema", "0.75", "0.5", "+0.25", "+0.1875", "75")
+    assert (s["noise"], s["z"], s["n"]) == ("0.03125", "1", "64")
+    assert "batch_size=16" in report.remedy and "recalibrate_bn" in report.remedy
+    assert set(report.images) == {"decomposition.png", "bn_staleness.png"}
+    assert report.history.bn_layers == ["block/bn_2", "block/bn_10"]  # natural order
+
+    report = build_report(synthetic((0.25, -0.0625, 0.0), noise=0.03125))
+    assert SENTENCE.search(report.sentence)["cause"] == "drift"
+    assert "eval_train/loss" in report.remedy
+    assert set(report.images) == {"decomposition.png"}  # no BN, no heatmap
+
+    # a part larger than the gap (the others offset it), a part against the gap's sign
+    s = SENTENCE.search(build_report(synthetic((0.0, 0.5, -0.75), noise=0.03125)).sentence)
+    assert (s["cause"], s["gap"], s["part"], s["share"]) == ("bn_ema", "-0.25", "-0.75", "300")
+    s = SENTENCE.search(build_report(synthetic((0.375, 0.375, -0.5), noise=0.03125)).sentence)
+    assert (s["cause"], s["gap"], s["part"], s["share"]) == ("bn_ema", "+0.25", "-0.5", None)
+
+    report = build_report(synthetic((0.015625, -0.0078125, 0.0), noise=0.03125))
+    assert report.diagnosis.cause == "none"
+    assert "the gap, +0.007812, and its parts (drift +0.01562, mode -0.007812, bn_ema +0) " \
+           "are within the noise of the measurement, ±0.03125" in report.sentence
+    assert report.remedy.startswith("Nothing to do")
+
+    history = synthetic((0.25, 0.0, 0.0), noise=0.03125)
+    history.metrics["fit/loss"][1] = math.nan
+    report = build_report(history)
+    assert report.diagnosis.cause == "nonfinite"
+    assert report.sentence.startswith("At epoch 1, fit() reported loss nan and evaluate()")
+    assert "TerminateOnNaN" in report.remedy
+    assert report.images["decomposition.png"].startswith(PNG)
+
+
+def test_a_failing_report_never_stops_training(sqlite_uri, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("report store exploded")
+
+    monkeypatch.setattr("gaptrack.report.load_history", broken)
+    x, y = blobs(48)
+    tracker = gaptrack.GapTracker((x, y), batch_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = mlp().fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[tracker])
+    assert len(history.history["loss"]) == 2
+    assert any(issubclass(w.category, ReportWarning) and "report store exploded" in str(w.message)
+               for w in caught)
+    run = MlflowClient().get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and "gap_final/loss" in run.data.metrics
+    assert "gaptrack.diagnosis" not in run.data.tags
+    assert MlflowClient().list_artifacts(tracker.run_id, REPORT_DIR) == []
