@@ -23,10 +23,15 @@ holds is reset, so a callback may measure mid-training.
 
 Cost: one training-mode pass at the training batch size and one inference pass
 (both inference forwards per batch) at a large batch size; inference results do
-not depend on the batch size. One exception, kept so that ``eval_train`` equals
-``evaluate()``: Keras averages the per-output losses of a multi-output model
-(``<output>_loss``) over batches *without* weighting by batch size, so for such
-models the inference pass runs at ``evaluate()``'s default batch size, 32.
+not depend on the batch size. The training-mode pass runs many training batches
+per call, in a graph loop, batch after batch as separate calls would: the Python
+round trip of a call (a few ms with the metric, seed and BN-sum tensors going in
+and out) used to cost more than the forward of a small batch itself.
+
+One exception, kept so that ``eval_train`` equals ``evaluate()``: Keras averages
+the per-output losses of a multi-output model (``<output>_loss``) over batches
+*without* weighting by batch size, so for such models the inference pass runs at
+``evaluate()``'s default batch size, 32.
 """
 
 from dataclasses import dataclass, field
@@ -40,6 +45,11 @@ from gaptrack.probe import Probe
 MAX_INFERENCE_BATCH = 1024
 #: Bytes of input per inference batch it aims for (keeps large images in memory).
 _INFERENCE_BATCH_BYTES = 64 * 2**20
+#: Most training batches run by one call of the training-mode pass (a graph
+#: loop over them; each call costs a Python round trip).
+MAX_TRAIN_CHUNK_BATCHES = 256
+#: Bytes of input per call of the training-mode pass it aims for.
+_TRAIN_CHUNK_BYTES = 16 * 2**20
 #: ``evaluate()``'s default batch size.
 KERAS_EVALUATE_BATCH = 32
 
@@ -158,7 +168,7 @@ class Measurer:
         self._trains = {}
         import tensorflow as tf
 
-        self._train_fn = tf.function(self._train_step, reduce_retracing=True)
+        self._train_fn = tf.function(self._train_chunk, reduce_retracing=True)
         self._infer_fn = tf.function(self._infer_step, reduce_retracing=True)
 
     def _fresh_metric_values(self):
@@ -239,6 +249,34 @@ class Measurer:
         new_seeds = [new_nt[i] for i in self._seed_index]
         return metric_values, new_seeds, new_sums, logs
 
+    def _train_chunk(self, x, y, sw, metric_values, seeds, sums):
+        """:meth:`_train_step` over consecutive training batches of one chunk.
+
+        The chunk holds whole training batches (the last chunk may end with a
+        partial one); a graph loop runs them one after the other, batch by batch
+        exactly as separate calls would, so the per-batch cost of a Python call
+        is paid once per chunk. Returns the logs of the metric state at the end.
+        """
+        import tensorflow as tf
+        from keras import tree
+        from keras.src.backend import StatelessScope
+
+        model = self.model
+        b = self.batch_size
+        n = tf.shape(next(a for a in tree.flatten(x) if a is not None))[0]
+
+        def body(i, metric_values, seeds, sums):
+            batch = tree.map_structure(
+                lambda a: None if a is None else a[i * b:(i + 1) * b], (x, y, sw))
+            metric_values, seeds, sums, _ = self._train_step(*batch, metric_values, seeds, sums)
+            return i + 1, metric_values, seeds, sums
+
+        _, metric_values, seeds, sums = tf.while_loop(
+            lambda i, *_: i * b < n, body, (tf.constant(0), metric_values, seeds, sums))
+        with StatelessScope(state_mapping=list(zip(model.metrics_variables, metric_values))):
+            logs = model.get_metrics_result()
+        return metric_values, seeds, sums, logs
+
     def _infer_step(self, x, y, sw, eval_values, pbn_values, population, moments):
         model = self.model
         non_trainable = [v.value for v in model.non_trainable_variables]
@@ -289,12 +327,16 @@ class Measurer:
         compile_loss = self.model._compile_loss
         if compile_loss is not None and compile_loss.metrics:
             return KERAS_EVALUATE_BATCH
-        from keras import tree
-
-        per_sample = sum(
-            a[:1].nbytes for a in tree.flatten(probe.x) if a is not None
-        ) or 1
+        per_sample = _bytes_per_sample(probe)
         return max(self.batch_size, min(MAX_INFERENCE_BATCH, _INFERENCE_BATCH_BYTES // per_sample))
+
+    def _train_chunk_size(self, probe):
+        """Samples per call of the training-mode pass: whole training batches,
+        at most :data:`MAX_TRAIN_CHUNK_BATCHES` of them and about
+        :data:`_TRAIN_CHUNK_BYTES` of input."""
+        per_sample = _bytes_per_sample(probe)
+        batches = min(MAX_TRAIN_CHUNK_BATCHES, _TRAIN_CHUNK_BYTES // (per_sample * self.batch_size))
+        return self.batch_size * max(1, batches)
 
     def train_mode_pass(self, probe):
         """Training-mode metrics and per-layer population statistics.
@@ -314,7 +356,7 @@ class Measurer:
             zeros = tf.zeros([int(np.prod(bn.layer.moving_mean.shape))], "float32")
             sums.append((tf.constant(0.0), zeros, zeros))
         logs = None
-        for x, y, sw in probe.batches(self.batch_size):
+        for x, y, sw in probe.batches(self._train_chunk_size(probe)):
             metric_values, seeds, sums, logs = self._train_fn(
                 x, y, sw, metric_values, seeds, sums
             )
@@ -387,6 +429,12 @@ class Measurer:
             probe_size=probe.size, batch_size=self.batch_size, bn=bn,
             loss_standard_error=self.loss_standard_error,
         )
+
+
+def _bytes_per_sample(probe):
+    from keras import tree
+
+    return sum(a[:1].nbytes for a in tree.flatten(probe.x) if a is not None) or 1
 
 
 def _standard_error(moments):

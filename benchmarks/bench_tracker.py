@@ -1,0 +1,377 @@
+"""What ``GapTracker`` costs: epoch times of five ways to train, interleaved in one run.
+
+The reference case is the 20-layer MLP with BatchNormalization after each Dense
+(``projects/deep_mlp.py``, ``bn=1``), batch size 32, on Fashion-MNIST's 60,000
+training images (Debian's ``dataset-fashion-mnist``). Each variant runs in its own
+long-lived worker process, one ``fit()`` over all the epochs, and waits at the
+start of every epoch until the parent says "go"; the parent lets one worker run
+one epoch at a time, A B C D E F A B C D E F ..., so the load of a shared machine
+falls on every variant alike. An epoch is timed inside the worker from its start to
+the start of the next one, so it includes every callback's epoch-end work. Epoch 0
+(tracing, run creation) is a warm-up and is left out of the medians.
+
+- A: plain ``fit``;
+- B: ``fit`` with ``mlflow.keras.autolog(log_models=False)`` (Keras 3's autolog);
+- C: ``fit`` with a callback calling ``model.evaluate(x_train, y_train)`` (batch 32,
+  evaluate's default) at every epoch end, as people do by hand;
+- D: ``fit`` with ``GapTracker``: the whole training set as probe, every epoch
+  measured, BN snapshots;
+- E: ``fit`` with ``GapTracker`` at its defaults;
+- F: E again, logging through a local HTTP proxy that holds every request 50 ms
+  before forwarding it to a real ``mlflow server`` on 127.0.0.1: the requests it
+  forwards per epoch are counted, and the time the training thread spends in the
+  tracker's logging calls (``RunLogger``) is measured.
+
+B, D and E log to a SQLite store in a temporary directory. Peak memory is each
+worker's peak resident set (``getrusage``), so TensorFlow's allocations count.
+
+Usage:
+    python benchmarks/bench_tracker.py            # 60,000 images (tens of minutes on 2 cores)
+    python benchmarks/bench_tracker.py --quick    # 6,000 images, a few minutes
+"""
+
+import argparse
+import http.client
+import http.server
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = {
+    "A": "plain fit",
+    "B": "fit + mlflow.keras.autolog(log_models=False)",
+    "C": "fit + model.evaluate(x_train) each epoch",
+    "D": "fit + GapTracker, full probe, snapshots",
+    "E": "fit + GapTracker defaults",
+    "F": "E, server 50 ms per request",
+}
+#: (ratio, numerator, denominator, target)
+TARGETS = (("D/C", "D", "C", 1.25), ("E/A", "E", "A", 1.10), ("E/B", "E", "B", 1.05))
+MEMORY_TARGET_MB = 150
+REQUESTS_TARGET = 2
+BLOCKING_TARGET_MS = 10
+PROXY_DELAY_S = 0.050
+
+
+# -- the worker: one variant, one fit(), one epoch per "go" -----------------------
+
+def worker(variant, config):
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything the libraries print goes to stderr
+
+    def send(message):
+        protocol.write(json.dumps(message) + "\n")
+
+    os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
+    import types
+
+    import keras
+    import mlflow
+
+    import gaptrack
+    from gaptrack import callback as gcallback
+    from gaptrack.datasets import load_dataset
+    from gaptrack.tracking import RunLogger
+    from projects import deep_mlp
+
+    data = load_dataset("fashion_mnist")
+    x, y = data.x_train[:config["samples"]], data.y_train[:config["samples"]]
+    keras.utils.set_random_seed(0)
+    model = deep_mlp.model(
+        {"depth": config["depth"], "units": 100, "bn": 1, "learning_rate": 1e-3},
+        types.SimpleNamespace(x=x, num_classes=data.num_classes))
+
+    # Instrumentation: time spent in the training thread logging, and measuring.
+    spent = {"logging": 0.0, "measure": 0.0}
+
+    def timed(owner, name, bucket):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[bucket] += time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    for name in ("log_metrics", "log_table", "set_tags"):
+        timed(RunLogger, name, "logging")
+    timed(gcallback.Measurer, "measure", "measure")
+
+    epochs = config["rounds"] + 1  # epoch 0 is the warm-up
+
+    class Pace(keras.callbacks.Callback):
+        """Waits for "go" at each epoch start; reports the previous epoch's time."""
+
+        def __init__(self):
+            super().__init__()
+            self.start = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            now = time.perf_counter()
+            if self.start is not None:
+                self.report(epoch - 1, now)
+            if epoch == epochs:  # the extra epoch only closes the last one: one batch
+                self.model.stop_training = True
+                return
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit(1)
+            spent.update(logging=0.0, measure=0.0)
+            self.start = time.perf_counter()
+            self.wall = time.time()
+
+        def report(self, epoch, now):
+            send({"epoch": epoch, "seconds": now - self.start, "wall_start": self.wall,
+                  "wall_end": time.time(), **spent})
+
+    class EvaluateTrain(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.evaluate(x, y, verbose=0)
+
+    callbacks = [Pace()]
+    if variant == "B":
+        mlflow.keras.autolog(log_models=False)
+    elif variant == "C":
+        callbacks.append(EvaluateTrain())
+    elif variant == "D":
+        callbacks.append(gaptrack.GapTracker((x, y), batch_size=32, probe_size=len(x)))
+    elif variant in ("E", "F"):
+        callbacks.append(gaptrack.GapTracker((x, y), batch_size=32))
+    send({"ready": True})
+    model.fit(x, y, batch_size=32, epochs=epochs + 1, verbose=0, callbacks=callbacks)
+    probe = callbacks[-1].probe.size if variant in "DEF" else None
+    send({"done": True, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "probe_size": probe})
+
+
+# -- the slow server ----------------------------------------------------------------
+
+class SlowProxy:
+    """Forwards HTTP requests to ``upstream`` after ``delay`` seconds; records them."""
+
+    def __init__(self, upstream_port, delay):
+        self.requests = []  # (wall time, method, path)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                proxy.requests.append((time.time(), self.command, self.path.split("?")[0]))
+                time.sleep(delay)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection", "transfer-encoding")}
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for k, v in response.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root):
+    port = free_port()
+    log = open(root / "server.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "server-artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited; see {root / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc, port
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError("mlflow server did not start")
+
+
+# -- the parent -----------------------------------------------------------------------
+
+class Worker:
+    def __init__(self, variant, config, env, directory):
+        self.variant = variant
+        directory.mkdir()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", variant, "--config", json.dumps(config)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(directory / "worker.log", "w"),
+            text=True, bufsize=1, cwd=directory, env=env)
+        self.epochs = []
+
+    def receive(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.variant} died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def epoch(self):
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        self.epochs.append(self.receive())
+
+
+def environment():
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+            f"load average at start {os.getloadavg()[0]:.1f}; Python {platform.python_version()}, "
+            f"keras {keras.__version__}, tensorflow {tf.__version__}, mlflow {mlflow.__version__}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="6,000 images and 5 measured epochs instead of 60,000 and 3")
+    parser.add_argument("--rounds", type=int, help="measured epochs per variant")
+    parser.add_argument("--variants", default="ABCDEF")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, json.loads(args.config))
+
+    samples, rounds = (6_000, 5) if args.quick else (60_000, 3)
+    rounds = args.rounds or rounds
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
+    print(f"environment: {environment()}")
+    print(f"case: 20 x (Dense(100) -> BN -> ELU) MLP, batch 32, Fashion-MNIST {samples:,} "
+          f"images, {rounds} measured epochs per variant after a warm-up, interleaved; "
+          f"scratch {tmp}", flush=True)
+    server = proxy = None
+    if "F" in args.variants:
+        server, port = start_mlflow_server(tmp)
+        proxy = SlowProxy(port, PROXY_DELAY_S)
+    workers = []
+    try:
+        for v in args.variants:
+            # Each worker runs in its own directory (SQLite's artifacts go to ./mlruns).
+            uri = proxy.url if v == "F" else f"sqlite:///{tmp / v / 'mlflow.db'}"
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                           filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                       GAPTRACK_SPOOL_DIR=str(tmp / v / "spool"), MLFLOW_DISABLE_TELEMETRY="true",
+                       DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2")
+            workers.append(Worker(v, {"samples": samples, "depth": 20, "rounds": rounds,
+                                      "tracking_uri": uri}, env, tmp / v))
+        for w in workers:
+            w.receive()  # ready
+        started = time.monotonic()
+        for r in range(rounds + 1):
+            for w in workers:
+                w.epoch()
+            print(f"round {r} ({'warm-up' if r == 0 else 'measured'}): " + "  ".join(
+                f"{w.variant} {w.epochs[-1]['seconds']:.2f}s" for w in workers), flush=True)
+        results = {}
+        for w in workers:
+            w.proc.stdin.close()
+            done = w.receive()
+            w.proc.wait()
+            results[w.variant] = {"epochs": w.epochs[1:], "warmup": w.epochs[0], **done}
+        print(f"interleaved run: {time.monotonic() - started:.0f} s")
+        report(results, proxy)
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+        if server is not None:
+            os.killpg(server.pid, 9)
+            server.wait()
+
+
+def report(results, proxy):
+    median = {v: statistics.median(e["seconds"] for e in r["epochs"]) for v, r in results.items()}
+    print()
+    print(f"{'variant':<50} {'median s':>9} {'epochs s':>26} {'peak RSS MB':>12}")
+    for v, r in results.items():
+        times = " ".join(f"{e['seconds']:.2f}" for e in r["epochs"])
+        probe = f" (probe {r['probe_size']:,})" if r.get("probe_size") else ""
+        print(f"{v}: {VARIANTS[v] + probe:<47} {median[v]:>9.2f} {times:>26} "
+              f"{r['peak_rss_mb']:>12.0f}")
+    print()
+    for name, a, b, target in TARGETS:
+        if a in median and b in median:
+            ratio = median[a] / median[b]
+            print(f"{name} = {ratio:.3f}  (target <= {target:.2f})  "
+                  f"{'PASS' if ratio <= target else 'FAIL'}")
+    if "D" in results and "A" in results:
+        extra = results["D"]["peak_rss_mb"] - results["A"]["peak_rss_mb"]
+        print(f"peak RSS D - A = {extra:.0f} MB  (target <= {MEMORY_TARGET_MB})  "
+              f"{'PASS' if extra <= MEMORY_TARGET_MB else 'FAIL'}")
+    for v in "DEF":
+        if v in results:
+            e = results[v]["epochs"]
+            print(f"{v}: per epoch, measuring {statistics.median(x['measure'] for x in e):.2f} s, "
+                  f"logging calls in the training thread "
+                  f"{1000 * statistics.median(x['logging'] for x in e):.1f} ms")
+    if "F" in results and proxy is not None:
+        e = results["F"]["epochs"]
+        # An epoch's requests are sent after its end (while the worker waits or the
+        # next epoch runs): count from the end of the warm-up to the end of the last
+        # measured epoch, i.e. the requests of len(e) epoch ends.
+        low, high = results["F"]["warmup"]["wall_end"], e[-1]["wall_end"]
+        window = [(m, p) for t, m, p in proxy.requests if low <= t < high]
+        kinds = {}
+        for m, p in window:
+            kinds[f"{m} {p}"] = kinds.get(f"{m} {p}", 0) + 1
+        artifacts = sum(n for k, n in kinds.items() if "mlflow-artifacts" in k)
+        per_epoch = (len(window) - artifacts) / len(e)
+        blocking = 1000 * statistics.median(x["logging"] for x in e)
+        print(f"F: requests per epoch through the 50 ms proxy: {len(window) / len(e):.1f} "
+              f"({per_epoch:.1f} besides the snapshot artifact; target <= {REQUESTS_TARGET}) "
+              f"{'PASS' if per_epoch <= REQUESTS_TARGET else 'FAIL'}")
+        for k, n in sorted(kinds.items()):
+            print(f"     {n / len(e):.1f}/epoch  {k}")
+        local = 1000 * statistics.median(x["logging"] for x in results["E"]["epochs"]) \
+            if "E" in results else 0.0
+        added = blocking - local
+        print(f"F: training thread in logging calls {blocking:.1f} ms/epoch with a 50 ms server, "
+              f"{local:.1f} ms with SQLite (E): the server adds {added:+.1f} ms/epoch "
+              f"(target < {BLOCKING_TARGET_MS})  {'PASS' if added < BLOCKING_TARGET_MS else 'FAIL'}")
+        if "E" in median:
+            print(f"F - E median epoch: {1000 * (median['F'] - median['E']):+.0f} ms "
+                  "(noise of a shared machine included)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
