@@ -168,8 +168,9 @@ class GapTracker(keras.callbacks.Callback):
         if self._decompositions:
             # the diagnosis tags and gaptrack/report/, from what reached the server
             # (or, if it did not in time, from the tracker's own copy)
+            run_id = self.logger.run_id or "(not yet created)"
             local = RunHistory(
-                run_id=self.logger.run_id, run_name=self.logger.run_id or "(not yet created)",
+                run_id=run_id, run_name=run_id,
                 metrics={k: dict(v) for k, v in self._history.items()},
                 tags={"gaptrack.probe_size": str(self.probe.size)})
             log_report(self.logger, local)

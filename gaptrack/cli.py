@@ -130,13 +130,14 @@ def sync(spool, tracking_uri):
         results = tracking.sync(spool, tracking_uri=tracking_uri)
     except (tracking.SyncError, tracking.TrackingURIError) as e:
         raise click.ClickException(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - the server refused or is down: one line
-        text, _ = tracking.describe_failure(e)
-        raise click.ClickException(f"sync stopped, nothing lost (run it again): {text}") from None
-    for directory, run_id, sent in results:
+    for directory, run_id, sent, error in results:
         click.echo(f"{run_id}: {sent} operation(s) sent from {directory}")
+        if error:
+            click.echo(f"  stopped, nothing lost (run `gaptrack sync` again): {error}", err=True)
     if not results:
         click.echo("nothing to sync", err=True)
+    if any(error for *_, error in results):
+        sys.exit(1)
 
 
 def _cell(value):

@@ -515,13 +515,15 @@ def sync(path=None, tracking_uri=None):
             (credentials from MLflow's environment variables).
 
     Returns:
-        ``[(spool directory, run id, operations sent)]``. A spool whose
+        ``[(spool directory, run id, operations sent, error)]``, ``error`` being
+        ``None``, or one line on why that spool stopped (its other operations
+        wait for the next call; the other spools are still sent). A spool whose
         operations all reached the server is deleted, so a second call sends
         nothing.
 
     Example:
-        >>> for directory, run_id, sent in sync():
-        ...     print(f"{run_id}: {sent} operations sent")
+        >>> for directory, run_id, sent, error in sync():
+        ...     print(f"{run_id}: {sent} operations sent", error or "")
     """
     root = Path(path) if path is not None else spool_root()
     if not root.exists():
@@ -535,15 +537,21 @@ def sync(path=None, tracking_uri=None):
     results = []
     for spool in spools:
         meta = spool.read_meta()
-        sender = _Sender(spool, tracking_uri or meta["tracking_uri"])
-        acked, sent = spool.acked(), 0
-        for op in spool.ops():
-            if op["seq"] <= acked:
-                continue
-            sender.send(op)
-            spool.ack(op["seq"])
-            sent += 1
-        run_id = sender.run_id()
+        acked, sent, run_id = spool.acked(), 0, meta.get("run_id")
+        try:
+            sender = _Sender(spool, tracking_uri or meta["tracking_uri"])
+            for op in spool.ops():
+                if op["seq"] <= acked:
+                    continue
+                sender.send(op)
+                spool.ack(op["seq"])
+                sent += 1
+            run_id = sender.run_id()
+        except SyncError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported per spool; nothing is lost
+            results.append((str(spool.dir), run_id, sent, describe_failure(exc)[0]))
+            continue
         spool.remove()
-        results.append((str(spool.dir), run_id, sent))
+        results.append((str(spool.dir), run_id, sent, None))
     return results

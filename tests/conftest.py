@@ -97,6 +97,12 @@ def _forget_mlflow_state():
     mlflow.set_tracking_uri(None)
 
 
+@pytest.fixture(autouse=True)
+def _own_spool(tmp_path, monkeypatch):
+    """Each test spools into its own directory (the tracker's outbox)."""
+    monkeypatch.setenv("GAPTRACK_SPOOL_DIR", str(tmp_path / "spool"))
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """One real tracking server for the whole session (startup takes ~10 s)."""

@@ -85,11 +85,12 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
         server = MlflowServer(tmp_path / "server", port=port).start()
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         try:
-            [(directory, run_id, sent)] = sync(spool.parent)
+            [(directory, run_id, sent, error)] = sync(spool.parent)
+            assert error is None
             assert directory == str(spool) and sent > 0 and not spool.exists()
             assert sync(spool.parent) == []  # a second sync adds nothing
             # replaying the same operations (acks lost) adds nothing either
-            [(_, same_run, resent)] = sync(_with_run_id(backup, run_id))
+            [(_, same_run, resent, _)] = sync(_with_run_id(backup, run_id))
             assert same_run == run_id and resent == sent
             client = MlflowClient(server.url)
             run = client.get_run(run_id)
