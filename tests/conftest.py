@@ -117,8 +117,14 @@ def _empty_sqlite_store(tmp_path_factory):
     migrations, ~3 s); tests get a copy of the file."""
     from mlflow.tracking import MlflowClient
 
-    path = tmp_path_factory.mktemp("sqlite-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
+    folder = tmp_path_factory.mktemp("sqlite-template")
+    path = folder / "mlflow.db"
+    cwd = os.getcwd()
+    os.chdir(folder)  # the Default experiment's artifact root is made from the cwd
+    try:
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(cwd)
     return path
 
 

@@ -1,0 +1,163 @@
+"""transfer: a frozen pretrained conv base with BN, a Dropout head, an oversampled stream.
+
+Reproduces the transfer-learning case: a pretrained convolutional base that
+contains BatchNormalization is frozen (``trainable = False``), a new head
+(global average pooling, Dense, Dropout(0.5), sigmoid) learns a binary task (one
+class against the rest), and training reads an oversampled, repeated ``tf.data``
+pipeline with ``steps_per_epoch``. ``fit()`` reports one thing and
+``evaluate()`` on training batches another. In Keras 3 a frozen BN layer runs in
+inference mode, with the moving statistics of the *pretraining* data, in
+``fit()`` and ``evaluate()`` alike: it is no longer a cause of the gap (no
+``precise_bn`` measurement, as no BN layer trains), but ``bn/<layer>/mean_lag``
+and ``var_lag`` show how far its statistics are from the new data. What is left
+is the head's Dropout (``mode``) and the head learning during the epoch
+(``drift``).
+
+The gap is measured on a fixed probe: the first ``probe_batches`` batches of the
+training pipeline (``GapTracker(dataset.take(probe_batches))``, read once), since
+a repeating pipeline has no end to measure on.
+
+Offline, the base is pretrained in the run: the data set's training samples are
+split in two, the even-indexed ones, without the positive class, pretrain a
+small conv net (Conv-BN-ReLU x 2 with a softmax head) for ``pretrain_epochs``;
+the odd-indexed ones are the transfer task. Its weights are logged as the
+artifact ``base/base.weights.h5``, which ``base_weights=<path>`` loads instead
+of pretraining. ``imagenet`` weights fit ``keras.applications`` networks on
+3-channel images and come from the internet, so this base cannot have them: a
+clear error. Images without a channel axis (digits are 8x8) get one.
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from projects.params import Param, ParamError, common, integer
+from projects.training import Data, load, log_input
+
+PRETRAIN = "pretrain"
+
+
+def _base_weights(name, value):
+    if value == PRETRAIN:
+        return value
+    if value == "imagenet":
+        raise ParamError(f"{name} 'imagenet' is not available: ImageNet weights fit a "
+                         "keras.applications network on 3-channel images and are downloaded "
+                         "from the internet; this base is a small conv net: use 'pretrain' or "
+                         "the path of a .weights.h5 file logged by an earlier run")
+    if not str(value).endswith(".weights.h5") or not os.path.isfile(value):
+        raise ParamError(f"{name} must be 'pretrain' or the path of an existing .weights.h5 "
+                         f"file, got {value!r}")
+    return os.path.abspath(value)
+
+
+PARAMS = {
+    **common(dataset="digits", samples="all", epochs=5, batch_size=32, learning_rate=1e-3),
+    "positive_class": integer(0, minimum=0),
+    "pretrain_epochs": integer(2, minimum=1),
+    "steps_per_epoch": integer(20, minimum=1),
+    "probe_batches": integer(16, minimum=1),
+    "base_weights": Param(PRETRAIN, _base_weights,
+                          "pretrain, or the path of a .weights.h5 file"),
+}
+
+
+@dataclass
+class TransferData(Data):
+    """The transfer task's data (``y`` is 1 for the positive class, else 0),
+    and the other split the base is pretrained on."""
+
+    pretrain: tuple = None
+
+
+def data(config):
+    full = load(config)
+    x = full.x if full.x.ndim == 4 else full.x[..., np.newaxis]
+    positive = config["positive_class"]
+    if positive >= full.num_classes:
+        raise ParamError(f"positive_class must be < {full.num_classes} (the classes of "
+                         f"{full.name}), got {positive}")
+    x_pre, y_pre = x[0::2], full.y[0::2]
+    keep = y_pre != positive
+    x_task, y_task = x[1::2], (full.y[1::2] == positive).astype("float32")
+    for label, what in ((1.0, f"class {positive}"), (0.0, "other classes")):
+        if not np.any(y_task == label):
+            raise ParamError(f"the transfer split of {len(x_task)} samples has no sample of "
+                             f"{what}; raise samples")
+    return TransferData(full.name, full.source, x_task, y_task, None, full.num_classes,
+                        full.size, pretrain=(x_pre[keep], y_pre[keep]))
+
+
+def model(config, data):
+    import keras
+
+    base = keras.Sequential([
+        keras.Input(data.x.shape[1:]),
+        keras.layers.Conv2D(16, 3, padding="same"),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(32, 3, padding="same"),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+    ], name="base")
+    if config["base_weights"] == PRETRAIN:
+        _pretrain(base, data, config)
+    else:
+        base.load_weights(config["base_weights"])
+    base.trainable = False
+    model = keras.Sequential([
+        keras.Input(data.x.shape[1:]),
+        base,
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dropout(0.5),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+    model.compile(keras.optimizers.Adam(config["learning_rate"]), "binary_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def _pretrain(base, data, config):
+    """Train ``base`` with a softmax head on the pretraining split; log its weights."""
+    import tempfile
+
+    import keras
+    import mlflow
+
+    x, y = data.pretrain
+    log_input(x, y, f"{data.name} (pretraining split)", data.source, context="pretraining")
+    classifier = keras.Sequential([
+        base,
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(data.num_classes, activation="softmax"),
+    ])
+    classifier.compile(keras.optimizers.Adam(config["learning_rate"]),
+                       "sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = classifier.fit(x, y, batch_size=config["batch_size"],
+                             epochs=config["pretrain_epochs"], verbose=0)
+    print(f"pretrained the base on {len(x)} samples: accuracy "
+          f"{history.history['accuracy'][-1]:.3f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "base.weights.h5")
+        base.save_weights(path)
+        mlflow.log_artifact(path, "base")
+
+
+def fit(model, data, config, track):
+    import tensorflow as tf
+
+    seed = config["seed"]
+
+    def stream(label):
+        mask = data.y == label
+        pairs = tf.data.Dataset.from_tensor_slices((data.x[mask], data.y[mask]))
+        return pairs.shuffle(int(mask.sum()), seed=seed).repeat()
+
+    # Oversampling: positives and negatives drawn half and half.
+    dataset = tf.data.Dataset.sample_from_datasets(
+        [stream(1.0), stream(0.0)], weights=[0.5, 0.5], seed=seed,
+    ).batch(config["batch_size"])
+    model.fit(dataset, epochs=config["epochs"], steps_per_epoch=config["steps_per_epoch"],
+              callbacks=[track(dataset.take(config["probe_batches"]))], verbose=2)

@@ -1,0 +1,558 @@
+"""The MLflow project: ``mlflow run . --env-manager local`` on every entry point.
+
+Each ``mlflow run`` is the real command in a subprocess, from the repository,
+on a SQLite store of its own, in an experiment whose artifacts stay in the
+test's directory, with a sandboxed home; the tests read back what it logged and
+check it against numbers computed here. There is one ``mlflow run`` per
+scenario, on tiny sizes, and one for each of main, sweep and compare; each pays
+~10 s of CPU to import TensorFlow, so they are all started at once when the
+module's first test needs one, ``WORKERS`` at a time. Bad parameters are checked
+on ``python -m projects.run`` directly (rejected before TensorFlow is imported),
+and once through ``mlflow run``.
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENT = "gaptrack-project-tests"
+SUBPROCESS_TIMEOUT_S = 600
+#: Relative tolerance between float32 values logged by two computations.
+RTOL = 1e-5
+
+#: Tiny sizes per scenario, the compiled metrics (besides loss), whether it has
+#: validation data, and how many BN layers it has and whether they train.
+SCENARIOS = {
+    "batchnorm": dict(params={"epochs": 2, "samples": 200}, metrics=["accuracy"],
+                      val=True, bn_layers=1, bn_trains=True),
+    "deep_mlp": dict(params={"epochs": 2, "samples": 200, "depth": 3, "bn": 1,
+                             "batch_size": 64}, metrics=["accuracy"],
+                     val=True, bn_layers=4, bn_trains=True),
+    "dense_l2": dict(params={"epochs": 2}, metrics=["accuracy"], val=True, bn_layers=0),
+    "dropout": dict(params={"epochs": 2, "samples": 200, "dropout": 0.3},
+                    metrics=["accuracy"], val=True, bn_layers=0),
+    "softmax_only": dict(params={"epochs": 2, "samples": 200}, metrics=["accuracy"],
+                         val=True, bn_layers=0),
+    "toy_binary": dict(params={"iterations": 4}, metrics=["binary_accuracy"], val=False,
+                       bn_layers=0),
+    "transfer": dict(params={"epochs": 2, "samples": 300, "steps_per_epoch": 3,
+                             "probe_batches": 2, "pretrain_epochs": 1},
+                     metrics=["accuracy"], val=False, bn_layers=2, bn_trains=False),
+}
+
+
+class Store:
+    """One SQLite tracking store (a copy of the module's template, which holds
+    the test experiment), and the sandboxed environment its subprocesses run in.
+
+    Each ``mlflow run`` gets its own store, so that runs can go in parallel
+    without two processes writing to one SQLite file.
+    """
+
+    def __init__(self, path, experiment_id, home):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = f"sqlite:///{path}"
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = experiment_id
+        self.env = {
+            **os.environ,  # conftest's sandbox: KERAS_HOME, XDG_*, MPLCONFIGDIR
+            "HOME": str(home),
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_EXPERIMENT_ID": experiment_id,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            # `python` and `mlflow` in the entry points' commands: this interpreter's
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+        }
+
+    def mlflow_run(self, entry_point, params=None, **more):
+        """``mlflow run . --env-manager local -e <entry point> -P k=v ...``."""
+        command = [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
+                   "-e", entry_point, "--experiment-id", self.experiment_id]
+        for key, value in {**(params or {}), **more}.items():
+            command += ["-P", f"{key}={value}"]
+        return subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=SUBPROCESS_TIMEOUT_S)
+
+    def cli(self, *args):
+        """``python -m projects.run ...`` from the repository."""
+        return subprocess.run([sys.executable, "-m", "projects.run", *args], cwd=REPO,
+                              env=self.env, capture_output=True, text=True,
+                              timeout=SUBPROCESS_TIMEOUT_S)
+
+    def run_of(self, proc):
+        """The run ``mlflow run`` reported, after checking it succeeded."""
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        run_id = re.search(r"=== Run \(ID '([0-9a-f]+)'\) succeeded ===", proc.stderr).group(1)
+        return self.client.get_run(run_id)
+
+    def history(self, run_id, key):
+        """``{step: value}`` of one metric."""
+        points = self.client.get_metric_history(run_id, key)
+        steps = [p.step for p in points]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at one step: {steps}"
+        return {p.step: p.value for p in points}
+
+
+#: Every ``mlflow run`` of the module: key -> (entry point, params). The longest first.
+LAUNCHES = {
+    "main": ("main", {"epochs": 1, "depth": 2, "samples": 120}),
+    "sweep": ("sweep", {"scenario": "dropout", "grid": "dropout=0.2,0.6;batch_size=16",
+                        "epochs": 1, "samples": 100}),
+    **{name: ("train", {"scenario": name, **SCENARIOS[name]["params"]})
+       for name in ("deep_mlp", "transfer", "toy_binary", "batchnorm", "dropout", "dense_l2",
+                    "softmax_only")},
+    "bad_epochs": ("train", {"scenario": "dense_l2", "epochs": "two"}),
+}
+#: Parallel subprocesses: two cores, and each process also spends time waiting
+#: (starting Python, the SQLite store).
+WORKERS = 3
+
+
+def reads(*keys):
+    """Declares the ``LAUNCHES`` a test reads (a parametrized test's ``name``
+    is read too), so that only those selected are started ahead."""
+
+    def mark(test):
+        test.launches = keys
+        return test
+
+    return mark
+
+
+def _selected_launches(session):
+    keys = set()
+    for item in session.items:
+        if getattr(item, "module", None) is not sys.modules[__name__]:
+            continue
+        keys.update(getattr(item.function, "launches", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec and callspec.params.get("name") in LAUNCHES:
+            keys.add(callspec.params["name"])
+    return [key for key in LAUNCHES if key in keys]
+
+
+@pytest.fixture(scope="module")
+def project(request, tmp_path_factory, _empty_sqlite_store):
+    """Starts the ``mlflow run`` of the selected tests at once (``WORKERS`` at a
+    time), each on its own store; ``project[key]`` waits for one and returns
+    ``(store, completed process)``; ``project.store("cli")`` is a store of its own
+    for the tests that run commands themselves."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("project")
+    home = root / "home"
+    home.mkdir()
+    template = root / "template.db"
+    shutil.copy(_empty_sqlite_store, template)
+    experiment_id = MlflowClient(f"sqlite:///{template}").create_experiment(
+        EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+
+    def store(key):
+        shutil.copy(template, root / f"{key}.db")
+        return Store(root / f"{key}.db", experiment_id, home)
+
+    stores = {key: store(key) for key in [*LAUNCHES, "cli"]}
+    pool = ThreadPoolExecutor(max_workers=WORKERS)
+    futures = {key: pool.submit(stores[key].mlflow_run, *LAUNCHES[key])
+               for key in _selected_launches(request.session)}
+
+    yield Launched(stores, futures, pool)
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Launched:
+    """The module's ``mlflow run`` subprocesses, started ahead."""
+
+    def __init__(self, stores, futures, pool):
+        self.stores, self.futures, self.pool = stores, futures, pool
+
+    def __getitem__(self, key):
+        """``(store, completed process)``, waiting for it (starting it, if the
+        test did not declare it with ``reads``)."""
+        if key not in self.futures:
+            self.futures[key] = self.pool.submit(self.stores[key].mlflow_run, *LAUNCHES[key])
+        return self.stores[key], self.futures[key].result()
+
+    def store(self, key):
+        return self.stores[key]
+
+
+@pytest.fixture
+def scenario_run(project):
+    """``scenario_run(name) -> (store, process, run)`` of ``mlflow run -e train``."""
+
+    def get(name):
+        store, proc = project[name]
+        return store, proc, store.run_of(proc)
+
+    return get
+
+
+def _digits():
+    from gaptrack.datasets import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+def _expected_training_data(name):
+    """The training arrays the scenario should have logged, computed here from
+    the data set and the scenario's documented selection."""
+    params = SCENARIOS[name]["params"]
+    ds = _digits()
+    if name == "dense_l2":
+        return ds.x_train[:32], ds.y_train[:32]
+    if name == "toy_binary":
+        return None
+    x, y = ds.x_train[:params["samples"]], ds.y_train[:params["samples"]]
+    if name == "transfer":
+        return x[1::2, ..., np.newaxis], (y[1::2] == 0).astype("float32")
+    split = {"deep_mlp": 0.1}.get(name, 0.2)
+    n = int(math.floor(len(x) * (1 - split)))
+    return x[:n], y[:n]
+
+
+# -- train: every scenario ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_train_logs_every_spec_key_at_every_epoch(scenario_run, name):
+    spec = SCENARIOS[name]
+    store, _, run = scenario_run(name)
+    steps = set(range(spec["params"].get("epochs", spec["params"].get("iterations"))))
+    metrics = ["loss", *spec["metrics"]]
+    logged = set(run.data.metrics)
+
+    prefixes = ["fit", "eval_train", "train_mode"] + (["val"] if spec["val"] else [])
+    if spec.get("bn_trains"):
+        prefixes.append("precise_bn")
+    for m in metrics:
+        keys = [f"{p}/{m}" for p in prefixes]
+        keys += [f"gap/{m}", f"gap/{m}/drift", f"gap/{m}/mode", f"gap/{m}/bn_ema"]
+        history = {key: store.history(run.info.run_id, key) for key in keys}
+        for key, points in history.items():
+            assert set(points) == steps, f"{key} at steps {sorted(points)}, expected {steps}"
+        for step in steps:
+            fit, ev = history[f"fit/{m}"][step], history[f"eval_train/{m}"][step]
+            parts = [history[f"gap/{m}/{p}"][step] for p in ("drift", "mode", "bn_ema")]
+            assert history[f"gap/{m}"][step] == pytest.approx(fit - ev, abs=1e-6)
+            assert sum(parts) == pytest.approx(fit - ev, abs=1e-6)
+            assert history[f"gap/{m}/drift"][step] == pytest.approx(
+                fit - history[f"train_mode/{m}"][step], abs=1e-6)
+        if not spec.get("bn_trains"):
+            assert f"precise_bn/{m}" not in logged
+            assert all(v == 0.0 for v in history[f"gap/{m}/bn_ema"].values())
+        if not spec["val"]:
+            assert f"val/{m}" not in logged
+        assert run.data.metrics[f"gap_final/{m}"] == pytest.approx(
+            history[f"gap/{m}"][max(steps)], abs=1e-7)
+
+    lags = sorted(k for k in logged if k.startswith("bn/"))
+    assert len(lags) == 2 * spec["bn_layers"], lags
+    for key in lags:
+        assert set(store.history(run.info.run_id, key)) == steps, key
+
+    assert run.data.tags["gaptrack.version"]
+    assert run.data.tags["gaptrack.diagnosis"] in {"drift", "mode", "bn_ema", "none"}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_train_logs_params_and_the_training_data(scenario_run, name):
+    import mlflow
+
+    spec = SCENARIOS[name]
+    _, _, run = scenario_run(name)
+    params = run.data.params
+    expected = _expected_training_data(name)
+    n_train = 160 if expected is None else len(expected[0])
+
+    assert params["scenario"] == name
+    for key, value in spec["params"].items():
+        assert params[key] == str(value), key
+    assert params["probe_size"] == "10000" and params["seed"] == "0"  # declared defaults
+    assert params["train_samples"] == str(n_train)
+    assert params["probe_samples"] == run.data.tags["gaptrack.probe_size"]
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    if name == "toy_binary":
+        assert params["dataset_size"] == "160"
+        assert params["probe_samples"] == "160"
+        assert set(inputs) == {"toy_clusters"}
+        return
+    ds = _digits()
+    assert params["dataset"] == "digits"
+    assert params["dataset_size"] == str(len(ds.x_train))
+    training = inputs["digits"]
+    assert [t.value for t in training.tags if t.key == "mlflow.data.context"] == ["training"]
+    x, y = expected
+    assert training.dataset.digest == mlflow.data.from_numpy(x, targets=y).digest
+    if name == "transfer":  # the probe: 2 batches of 32 of the pipeline
+        assert params["probe_samples"] == "64"
+    else:
+        assert params["probe_samples"] == str(n_train)
+
+
+@reads("dense_l2")
+def test_dense_l2_fit_loss_is_the_untrained_loss_and_val_is_eval(scenario_run):
+    """fit/loss at epoch 0 is the loss of the untrained model on the batch,
+    computed here by a model built independently with the same seed; with no
+    Dropout/BN, val/loss (the batch, after the update) equals eval_train/loss,
+    and the next epoch's fit/loss equals it too."""
+    import keras
+
+    store, _, run = scenario_run("dense_l2")
+    fit = store.history(run.info.run_id, "fit/loss")
+    val = store.history(run.info.run_id, "val/loss")
+    ev = store.history(run.info.run_id, "eval_train/loss")
+
+    ds = _digits()
+    x, y = ds.x_train[:32], ds.y_train[:32]
+    keras.utils.set_random_seed(0)
+    l2 = keras.regularizers.L2(0.01)
+    model = keras.Sequential([
+        keras.Input((8, 8)), keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu", kernel_regularizer=l2),
+        keras.layers.Dense(64, activation="relu", kernel_regularizer=l2),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    untrained = model.evaluate(x, y, batch_size=32, verbose=0)
+    # the L2 penalty is part of it: 0.01 * sum of squared kernels
+    penalty = 0.01 * sum(float(np.sum(np.square(layer.kernel.numpy())))
+                         for layer in model.layers if getattr(layer, "kernel_regularizer", None))
+    assert penalty > 0.1
+
+    assert fit[0] == pytest.approx(untrained, rel=RTOL)
+    for epoch in (0, 1):
+        assert val[epoch] == pytest.approx(ev[epoch], rel=RTOL)
+    assert fit[1] == pytest.approx(val[0], rel=RTOL)
+    assert fit[0] > val[0]  # one Adam step lowers the loss on its own batch
+
+
+@reads("softmax_only")
+def test_softmax_only_gap_is_all_drift(scenario_run):
+    """Nothing behaves differently in training: training mode and inference
+    mode give the same numbers, so the whole gap is drift."""
+    store, _, run = scenario_run("softmax_only")
+    for m in ("loss", "accuracy"):
+        train = store.history(run.info.run_id, f"train_mode/{m}")
+        ev = store.history(run.info.run_id, f"eval_train/{m}")
+        for step in train:
+            assert train[step] == pytest.approx(ev[step], rel=RTOL, abs=1e-7)
+        gap = store.history(run.info.run_id, f"gap/{m}")
+        drift = store.history(run.info.run_id, f"gap/{m}/drift")
+        assert drift == pytest.approx(gap, abs=1e-6)
+
+
+@reads("toy_binary")
+def test_toy_binary_reports_accuracy_before_the_update(scenario_run):
+    """train_on_batch's accuracy is that of the model before its update: it
+    equals test_on_batch's just before (so nothing leaks between the calls'
+    metric accumulators), and each iteration's 'after' is what the model then
+    is on that batch."""
+    store, proc, run = scenario_run("toy_binary")
+    rid = run.info.run_id
+    reported = store.history(rid, "fit/binary_accuracy")
+    before = store.history(rid, "fit/binary_accuracy_before")
+    loss, loss_before = store.history(rid, "fit/loss"), store.history(rid, "fit/loss_before")
+    assert set(store.history(rid, "fit/binary_accuracy_after")) == set(range(4))
+    for step in range(4):
+        assert reported[step] == before[step]
+        assert loss[step] == pytest.approx(loss_before[step], rel=RTOL)
+        # a multiple of 1/32: accuracy on one batch of 32 points
+        assert reported[step] * 32 == pytest.approx(round(reported[step] * 32), abs=1e-4)
+    assert "iteration 3: train_on_batch accuracy" in proc.stdout
+
+
+@reads("transfer")
+def test_transfer_logs_the_pretrained_base_and_its_split(scenario_run):
+    store, _, run = scenario_run("transfer")
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    pretraining = inputs["digits (pretraining split)"]
+    assert [t.value for t in pretraining.tags if t.key == "mlflow.data.context"] == \
+        ["pretraining"]
+    ds = _digits()
+    x, y = ds.x_train[:300:2], ds.y_train[:300:2]
+    keep = y != 0
+    import mlflow
+
+    assert pretraining.dataset.digest == mlflow.data.from_numpy(
+        x[keep][..., np.newaxis], targets=y[keep]).digest
+    artifacts = [a.path for a in store.client.list_artifacts(run.info.run_id, "base")]
+    assert artifacts == ["base/base.weights.h5"]
+
+
+@reads("transfer")
+def test_transfer_loads_a_logged_base_instead_of_pretraining(scenario_run, tmp_path):
+    """base_weights=<the .weights.h5 a run logged>: the base gets exactly those
+    weights (whatever the seed), frozen, and nothing is pretrained."""
+    import keras
+
+    from projects import transfer
+    from projects.params import pairs, parse
+
+    store, _, run = scenario_run("transfer")
+    path = store.client.download_artifacts(run.info.run_id, "base/base.weights.h5",
+                                           str(tmp_path))
+    bases = []
+    for seed in ("0", "1"):
+        config, _ = parse(pairs(["--samples", "300", "--base_weights", path, "--seed", seed]),
+                          transfer.PARAMS)
+        keras.utils.set_random_seed(int(seed))
+        model = transfer.model(config, transfer.data(config))
+        bases.append(model.get_layer("base"))
+    assert not bases[0].trainable
+    for a, b in zip(bases[0].weights, bases[1].weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    moving_means = [w.numpy() for w in bases[0].weights if "moving_mean" in w.path]
+    assert len(moving_means) == 2 and all(np.any(m != 0) for m in moving_means)
+
+
+# -- main and sweep: grids as nested runs, ranked ---------------------------------
+
+
+def _children(store, parent_id):
+    return store.client.search_runs(
+        [store.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _check_printed_ranking(proc, children, metric):
+    """The printed table lists the children by |gap_final/<metric>|, largest
+    first, with their logged gap."""
+    ranked = sorted(children, key=lambda r: -abs(r.data.metrics[f"gap_final/{metric}"]))
+    table = proc.stdout[proc.stdout.index("ranked by"):]
+    positions = [table.index(r.info.run_name) for r in ranked]
+    assert positions == sorted(positions), table
+    for r in ranked:
+        line = next(line for line in table.splitlines() if r.info.run_name in line)
+        assert f"{r.data.metrics[f'gap_final/{metric}']:.4f}" in line
+
+
+@reads("main")
+def test_main_runs_the_seeds_grid_as_nested_runs_and_ranks_them(project):
+    store, proc = project["main"]
+    parent = store.run_of(proc)
+    children = _children(store, parent.info.run_id)
+
+    grid = {(r.data.params["bn"], r.data.params["batch_size"]) for r in children}
+    assert grid == {("0", "32"), ("0", "1024"), ("1", "32"), ("1", "1024")}
+    assert len(children) == 4
+    for child in children:
+        assert child.data.params["scenario"] == "deep_mlp"
+        assert child.data.params["depth"] == "2"
+        assert child.data.params["epochs"] == "1"
+        assert child.info.status == "FINISHED"
+        bn_lags = [k for k in child.data.metrics if k.startswith("bn/")]
+        assert len(bn_lags) == (2 * 3 if child.data.params["bn"] == "1" else 0)
+    assert parent.data.params["epochs"] == "1"
+    assert parent.data.params["grid"] == "bn=0,1;batch_size=32,1024"
+    assert "gaptrack.version" not in parent.data.tags  # the parent is not a tracked run
+    _check_printed_ranking(proc, children, "loss")
+    ranking = store.client.download_artifacts(parent.info.run_id, "ranking.csv",
+                                              str(Path(os.environ["XDG_CACHE_HOME"])))
+    import pandas as pd
+
+    assert sorted(pd.read_csv(ranking)["run_id"]) == sorted(c.info.run_id for c in children)
+
+
+@reads("sweep")
+def test_sweep_runs_a_given_grid_with_fixed_params(project):
+    store, proc = project["sweep"]
+    parent = store.run_of(proc)
+    children = _children(store, parent.info.run_id)
+    assert sorted(c.data.params["dropout"] for c in children) == ["0.2", "0.6"]
+    for child in children:
+        assert child.data.params["batch_size"] == "16"
+        assert child.data.params["samples"] == "100"
+        assert child.data.tags["gaptrack.batch_size"] == "16"
+    _check_printed_ranking(proc, children, "loss")
+
+
+@reads("main")
+def test_compare_ranks_the_experiment_and_is_itself_a_report(project):
+    """compare over main's store: the 4 tracked children ranked, the parent
+    counted as untracked, the compare run itself tagged as a report."""
+    store, proc = project["main"]
+    store.run_of(proc)
+    proc = store.mlflow_run("compare", experiment=EXPERIMENT, metric="loss", top_k=3)
+    run = store.run_of(proc)
+    assert run.data.tags["gaptrack.report"] == "true"
+    tracked = store.client.search_runs([store.experiment_id],
+                                       "tags.`gaptrack.version` IS NOT NULL")
+    assert len(tracked) == 4
+    top = sorted(tracked, key=lambda r: -abs(r.data.metrics["gap_final/loss"]))
+    _check_printed_ranking(proc, top[:3], "loss")
+    assert top[3].info.run_name not in proc.stdout
+    assert "note: 1 runs were not tracked by gaptrack" in proc.stderr
+
+
+# -- bad parameters ---------------------------------------------------------------
+
+BAD = [
+    (["train", "--scenario", "foo"], "scenario 'foo' is unknown; choose one of: batchnorm, "
+                                     "deep_mlp, dense_l2, dropout, softmax_only, toy_binary, "
+                                     "transfer"),
+    (["train", "--dataset", "imagenet"], "dataset 'imagenet' is unknown; choose one of: digits"),
+    (["train", "--epochs", "0"], "epochs must be an integer >= 1, got '0'"),
+    (["train", "--batch_size", "-1"], "batch_size must be an integer >= 1, got '-1'"),
+    (["train", "--probe_size", "0"], "probe_size must be an integer >= 1, got '0'"),
+    (["train", "--learning_rate", "fast"], "learning_rate must be a number in (0, inf), "
+                                           "got 'fast'"),
+    (["train", "--scenario", "deep_mlp", "--bn", "maybe"], "bn must be 0 or 1"),
+    (["train", "--scenario", "toy_binary", "--epochs", "3"],
+     "parameter 'epochs' is not accepted by scenario toy_binary; accepted: batch_size, "
+     "iterations"),
+    (["train", "--scenario", "transfer", "--base_weights", "imagenet"],
+     "base_weights 'imagenet' is not available"),
+    (["train", "--scenario", "transfer", "--base_weights", "base.h5"],
+     "base_weights must be 'pretrain' or the path of an existing .weights.h5 file, got "
+     "'base.h5'"),
+    (["train", "--validation_split", "1"], "validation_split must be a number in [0, 1), "
+                                           "got '1'"),
+    (["sweep", "--grid", "batch_size=32,x"], "batch_size must be an integer >= 1, got 'x'"),
+    (["sweep", "--grid", "bn"], "grid 'bn' is not of the form name=v1,v2;name=v1,v2"),
+    (["sweep", "--grid", "colour=red"], "grid parameter 'colour' is not accepted by scenario "
+                                        "deep_mlp"),
+    (["main", "--bn", "1"], "parameter 'bn' is not accepted by main"),
+    (["compare", "--by", "worst"], "by 'worst' is unknown; choose one of: final, max_abs, "
+                                   "mean_abs"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_parameter_runs(project):
+    """``python -m projects.run`` on every BAD case, all at once (no TensorFlow
+    is imported: a bad value is rejected before)."""
+    store = project.store("cli")
+    with ThreadPoolExecutor(max_workers=len(BAD)) as pool:
+        return list(pool.map(lambda case: store.cli(*case[0]), BAD))
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(a) for a, _ in BAD])
+def test_a_bad_parameter_is_one_clear_line(bad_parameter_runs, case):
+    message = BAD[case][1]
+    proc = bad_parameter_runs[case]
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: " + message), proc.stderr
+
+
+@reads("bad_epochs")
+def test_a_bad_parameter_through_mlflow_run_fails_the_run(project):
+    store, proc = project["bad_epochs"]
+    assert proc.returncode != 0
+    assert "error: epochs must be an integer >= 1, got 'two'\n" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error: epochs")[0]
+    run_id = re.search(r"Run \(ID '([0-9a-f]+)'\) failed", proc.stderr).group(1)
+    assert store.client.get_run(run_id).info.status == "FAILED"
