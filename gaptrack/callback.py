@@ -12,9 +12,10 @@ standard error of ``eval_train/loss`` as a mean of per-sample losses on the prob
 
 plus one BN snapshot table per measured epoch (:mod:`gaptrack.snapshots`). At
 train end: ``gap_final/<m>``, ``gap_max_abs/<m>``, ``gap_mean_abs/<m>``, the
-worst BN layer's lags (``bn_worst/mean_lag``, ``bn_worst/var_lag``) and the tags
-``gaptrack.version``, ``gaptrack.diagnosis``, ``gaptrack.probe_size``,
-``gaptrack.batch_size``.
+worst BN layer's lags (``bn_worst/mean_lag``, ``bn_worst/var_lag``), the tags
+``gaptrack.version``, ``gaptrack.diagnosis`` (:mod:`gaptrack.diagnosis`),
+``gaptrack.probe_size``, ``gaptrack.batch_size``, and the per-run report under
+``gaptrack/report/`` (:mod:`gaptrack.report`).
 
 It does not disturb training: it measures statelessly (no weight, BN statistic,
 seed or metric variable changes), never modifies ``logs``, and a tracking
