@@ -234,7 +234,7 @@ class Measurer:
         for i, seed in zip(self._seed_index, seeds):
             non_trainable[i] = seed
         with watch_inputs(self.bn_layers) as record:
-            new_nt, metric_values, logs, _ = self._forward(
+            new_nt, metric_values, _, _ = self._forward(
                 x, y, sw, non_trainable, metric_values, training=True
             )
         new_sums = []
@@ -247,7 +247,7 @@ class Measurer:
             self._trains[id(bn.layer)] = trains
             new_sums.append((count + n, mean_sum + n * mean, var_sum + n * var))
         new_seeds = [new_nt[i] for i in self._seed_index]
-        return metric_values, new_seeds, new_sums, logs
+        return metric_values, new_seeds, new_sums
 
     def _train_chunk(self, x, y, sw, metric_values, seeds, sums):
         """:meth:`_train_step` over consecutive training batches of one chunk.
@@ -268,7 +268,7 @@ class Measurer:
         def body(i, metric_values, seeds, sums):
             batch = tree.map_structure(
                 lambda a: None if a is None else a[i * b:(i + 1) * b], (x, y, sw))
-            metric_values, seeds, sums, _ = self._train_step(*batch, metric_values, seeds, sums)
+            metric_values, seeds, sums = self._train_step(*batch, metric_values, seeds, sums)
             return i + 1, metric_values, seeds, sums
 
         _, metric_values, seeds, sums = tf.while_loop(
