@@ -71,7 +71,10 @@ class GapTracker(keras.callbacks.Callback):
         data: the training data (as given to ``fit``, without the validation
             part): ``(x, y)``, ``(x, y, sample_weight)``, a finite
             ``tf.data.Dataset`` of batches, or a :class:`gaptrack.probe.Probe`.
-            The probe is drawn from it once (see :mod:`gaptrack.probe`).
+            The probe is drawn from it once (see :mod:`gaptrack.probe`). With
+            ``fit(class_weight=cw)``, pass the weights ``fit`` applies as sample
+            weights, ``(x, y, [cw[c] for c in y])``, so that the measurements
+            weight the samples as ``fit/loss`` does (``gaptrack.autolog`` does it).
         batch_size: ``fit``'s batch size. The training-mode and PreciseBN
             measurements depend on it. When omitted it is read from a
             ``tf.data.Dataset``'s first batch, or inferred from the number of

@@ -2,6 +2,7 @@
 
 import keras
 import mlflow
+import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
@@ -70,3 +71,23 @@ def test_infinite_dataset_needs_a_probe(sqlite_uri, autologged):
         model.fit(dataset, steps_per_epoch=4, epochs=1, verbose=0)
     tags = MlflowClient().get_run(run.info.run_id).data.tags
     assert tags["gaptrack.probe_size"] == "32" and tags["gaptrack.batch_size"] == "16"
+
+
+@pytest.mark.parametrize("as_dataset", [False, True], ids=["arrays", "dataset"])
+def test_class_weight_weights_the_measurements_as_fit_does(sqlite_uri, autologged, as_dataset):
+    keras.utils.set_random_seed(0)
+    x, y = blobs(60)
+    class_weight = {0: 1.0, 1: 4.0, 2: 0.25}
+    weights = np.array([class_weight[int(c)] for c in y], "float32")
+    model = mlp(lr=0.0)  # weights stay as they are: fit/loss is the weighted loss of this model
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(60) if as_dataset else x
+    with mlflow.start_run() as run:
+        history = model.fit(data, None if as_dataset else y, batch_size=None if as_dataset else 60,
+                            epochs=1, class_weight=class_weight, verbose=0)
+    metrics = MlflowClient().get_run(run.info.run_id).data.metrics
+    weighted = model.evaluate(x, y, sample_weight=weights, verbose=0, return_dict=True)
+    plain = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert abs(weighted["loss"] - plain["loss"]) > 0.05  # the weighting matters here
+    assert metrics["eval_train/loss"] == pytest.approx(weighted["loss"], rel=1e-5)
+    assert history.history["loss"][-1] == pytest.approx(weighted["loss"], rel=1e-5)
+    assert abs(metrics["gap/loss"]) < 1e-5
