@@ -6,8 +6,8 @@ gets a :class:`gaptrack.GapTracker` whose probe is the training data given to
 (Keras' default 32 for arrays; a dataset's own batches). ``fit``'s
 ``class_weight`` is applied to the probe as the sample weights ``fit`` derives
 from it, so ``eval_train`` and the other measurements weight the samples as
-``fit/loss`` does. A ``fit`` that already has a ``GapTracker`` among its
-callbacks is left as it is.
+``fit/loss`` does (a ``probe`` given to ``autolog`` is measured as it is).
+A ``fit`` that already has a ``GapTracker`` among its callbacks is left as it is.
 
 ``fit`` on an infinite dataset (``dataset.repeat()`` with ``steps_per_epoch``)
 has no finite training set to measure; unless a ``probe`` is given it fails
