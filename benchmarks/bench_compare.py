@@ -23,15 +23,10 @@ Usage:
 
 import argparse
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import tracemalloc
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -42,12 +37,12 @@ import numpy as np  # noqa: E402
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from _server import start_server, stop_server  # noqa: E402
 from gaptrack.compare import rank_runs  # noqa: E402
 
 EXPERIMENT = "bench-compare"
 METRICS = ("loss", "accuracy")
 KEYS = ("final", "max_abs", "mean_abs")
-_SETTLE_SECONDS = 10  # after /health answers, the server still starts its job runner
 
 
 def fill_store(uri, artifacts, runs, epochs, seed=0):
@@ -151,38 +146,6 @@ def heap_peak(uri, top_k):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak / 2**20
-
-
-def start_server(root, backend_uri):
-    """An ``mlflow server`` on a free port of 127.0.0.1; (process, url)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-         "--artifacts-destination", str(root / "served"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited; see {root / 'server.log'}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                time.sleep(_SETTLE_SECONDS)
-                return process, url
-        except OSError:
-            time.sleep(0.5)
-    stop_server(process)
-    raise TimeoutError(f"mlflow server did not answer at {url} within 300 s")
-
-
-def stop_server(process):
-    """Kill the server and the processes it started (uvicorn, job runner)."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
 
 
 def main():

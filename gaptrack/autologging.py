@@ -4,10 +4,9 @@ Like ``mlflow.keras.autolog()``, it patches ``keras.Model.fit``. Each call then
 gets a :class:`gaptrack.GapTracker` whose probe is the training data given to
 ``fit`` (without the ``validation_split`` part) and whose batch size is ``fit``'s
 (Keras' default 32 for arrays; a dataset's own batches). ``fit``'s
-``class_weight`` is applied to the probe as the sample weights ``fit`` derives
-from it, so ``eval_train`` and the other measurements weight the samples as
-``fit/loss`` does (a ``probe`` given to ``autolog`` is measured as it is).
-A ``fit`` that already has a ``GapTracker`` among its callbacks is left as it is.
+``class_weight`` is passed on to it (a ``probe`` given to ``autolog`` is
+measured as it is). A ``fit`` that already has a ``GapTracker`` among its
+callbacks is left as it is.
 
 ``fit`` on an infinite dataset (``dataset.repeat()`` with ``steps_per_epoch``)
 has no finite training set to measure; unless a ``probe`` is given it fails
@@ -76,7 +75,8 @@ def _tracker_for(arguments):
     options = dict(_settings)
     probe = options.pop("probe")
     batch_size = arguments.get("batch_size")
-    class_weight = arguments.get("class_weight")
+    # fit's class weights weight fit's own data; a probe given to autolog is as given
+    options["class_weight"] = arguments.get("class_weight") if probe is None else None
     if probe is not None:
         data = probe
     elif _is_tf_dataset(x):
@@ -90,24 +90,8 @@ def _tracker_for(arguments):
                 "gaptrack.autolog(probe=dataset.take(64))"
             )
         data = x
-        if class_weight:
-            from keras.src.trainers.data_adapters.tf_dataset_adapter import (
-                make_class_weight_map_fn,
-            )
-
-            data = x.map(make_class_weight_map_fn(class_weight))
     else:
-        y, sample_weight = arguments.get("y"), arguments.get("sample_weight")
-        if (class_weight and sample_weight is None and y is not None
-                and not isinstance(y, (dict, list, tuple))):
-            # What fit() does with class_weight (fit refuses it beside sample_weight
-            # or with several outputs, and says so itself).
-            from keras.src.trainers.data_adapters.data_adapter_utils import (
-                class_weight_to_sample_weights,
-            )
-
-            sample_weight = class_weight_to_sample_weights(y, class_weight)
-        data = (x, y, sample_weight)
+        data = (x, arguments.get("y"), arguments.get("sample_weight"))
         if data[2] is None:
             data = data[:2]
         split = arguments.get("validation_split") or 0.0

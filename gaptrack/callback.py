@@ -71,10 +71,7 @@ class GapTracker(keras.callbacks.Callback):
         data: the training data (as given to ``fit``, without the validation
             part): ``(x, y)``, ``(x, y, sample_weight)``, a finite
             ``tf.data.Dataset`` of batches, or a :class:`gaptrack.probe.Probe`.
-            The probe is drawn from it once (see :mod:`gaptrack.probe`). With
-            ``fit(class_weight=cw)``, pass the weights ``fit`` applies as sample
-            weights, ``(x, y, [cw[c] for c in y])``, so that the measurements
-            weight the samples as ``fit/loss`` does (``gaptrack.autolog`` does it).
+            The probe is drawn from it once (see :mod:`gaptrack.probe`).
         batch_size: ``fit``'s batch size. The training-mode and PreciseBN
             measurements depend on it. When omitted it is read from a
             ``tf.data.Dataset``'s first batch, or inferred from the number of
@@ -91,6 +88,9 @@ class GapTracker(keras.callbacks.Callback):
         close_timeout: seconds the end of training waits for the tracking
             server; what is not sent by then stays in the spool for
             ``gaptrack sync`` (see :mod:`gaptrack.tracking`).
+        class_weight: ``fit``'s ``class_weight``, if it has one: the probe is
+            weighted as ``fit`` weights the training data, so that the
+            measurements weight the samples as ``fit/loss`` does.
 
     Example:
         >>> import mlflow, gaptrack
@@ -110,7 +110,7 @@ class GapTracker(keras.callbacks.Callback):
 
     def __init__(self, data, batch_size=None, *, probe_size=None, every=1, seed=0,
                  bn_snapshots=True, run_id=None, inference_batch_size=None,
-                 close_timeout=DEFAULT_CLOSE_TIMEOUT):
+                 close_timeout=DEFAULT_CLOSE_TIMEOUT, class_weight=None):
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -119,6 +119,8 @@ class GapTracker(keras.callbacks.Callback):
         ):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
+        if class_weight is not None:
+            self.probe = self.probe.with_class_weight(class_weight)
         self.batch_size = batch_size
         self.every = every
         self.seed = seed
@@ -146,11 +148,12 @@ class GapTracker(keras.callbacks.Callback):
         self._decompositions = []
         self._history = {}
         self.logger = RunLogger(self._run_id, close_timeout=self.close_timeout)
-        self.logger.set_tags({
+        self._tags = {
             "gaptrack.version": __version__,
-            "gaptrack.probe_size": self.probe.size,
-            "gaptrack.batch_size": self.batch_size,
-        })
+            "gaptrack.probe_size": str(self.probe.size),
+            "gaptrack.batch_size": str(self.batch_size),
+        }
+        self.logger.set_tags(self._tags)
 
     def on_epoch_end(self, epoch, logs=None):
         epochs = (self.params or {}).get("epochs")
@@ -167,16 +170,16 @@ class GapTracker(keras.callbacks.Callback):
             final["bn_worst/var_lag"] = max(lag[1] for lag in self._last_lags.values())
         self.logger.log_metrics(final, step=0)
         if self._last_lags:
-            self.logger.set_tags({"gaptrack.bn_worst_layer": max(
-                self._last_lags, key=lambda k: self._last_lags[k][0])})
+            worst = {"gaptrack.bn_worst_layer": max(
+                self._last_lags, key=lambda k: self._last_lags[k][0])}
+            self._tags.update(worst)
+            self.logger.set_tags(worst)
         if self._decompositions:
             # the diagnosis tags and gaptrack/report/, from what reached the server
             # (or, if it did not in time, from the tracker's own copy)
             run_id = self.logger.run_id or "(not yet created)"
-            local = RunHistory(
-                run_id=run_id, run_name=run_id,
-                metrics={k: dict(v) for k, v in self._history.items()},
-                tags={"gaptrack.probe_size": str(self.probe.size)})
+            local = RunHistory(run_id=run_id, run_name=run_id, metrics=self._history,
+                               tags=dict(self._tags))
             log_report(self.logger, local)
         self.logger.close()
 

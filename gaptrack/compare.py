@@ -50,17 +50,18 @@ from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from gaptrack.decompose import PARTS
+from gaptrack.diagnosis import DIAGNOSIS_TAG
+
 RANK_KEYS = ("final", "max_abs", "mean_abs")
 TRACKED_TAG = "gaptrack.version"
 REPORT_TAG = "gaptrack.report"
-DIAGNOSIS_TAG = "gaptrack.diagnosis"
 
 _PAGE_SIZE = 1000
 _PLOTTED_RUNS = 10
 _LISTED_NAMES = 20
-_PARTS = ("drift", "mode", "bn_ema")
 _COLUMNS = ("rank", "run_id", "run_name", "experiment", "status",
-            *(f"gap_{key}" for key in RANK_KEYS), "fit", "eval_train", "gap", *_PARTS, "diagnosis")
+            *(f"gap_{key}" for key in RANK_KEYS), "fit", "eval_train", "gap", *PARTS, "diagnosis")
 
 
 class CompareError(Exception):
@@ -309,7 +310,7 @@ def _row(run, rank, metric, experiment_names):
     for key in RANK_KEYS:
         row[f"gap_{key}"] = logged.get(f"gap_{key}/{metric}", math.nan)
     for column, key in (("fit", f"fit/{metric}"), ("eval_train", f"eval_train/{metric}"),
-                        ("gap", f"gap/{metric}"), *((p, f"gap/{metric}/{p}") for p in _PARTS)):
+                        ("gap", f"gap/{metric}"), *((p, f"gap/{metric}/{p}") for p in PARTS)):
         row[column] = logged.get(key, math.nan)
     row["diagnosis"] = run.data.tags.get(DIAGNOSIS_TAG, "")
     row.update((f"params.{k}", v) for k, v in run.data.params.items())

@@ -180,6 +180,31 @@ class Probe:
         x, y, sw = _take(reservoir, slice(0, size))
         return cls(x, y, sw, total=None if unknown else seen, dataset_batch_size=first_batch)
 
+    def with_class_weight(self, class_weight):
+        """This probe weighted as ``fit(class_weight=class_weight)`` weights it: each
+        sample's weight is its class's (1 for a class not named), as Keras derives it.
+
+        Raises:
+            ProbeError: ``class_weight`` is not a dict, the probe already has
+                sample weights, or its labels are of several outputs (``fit``
+                refuses class weights in these cases too).
+        """
+        if not isinstance(class_weight, dict):
+            raise ProbeError("class_weight must be a dict {class index: weight}, as fit() "
+                             f"takes it; got {class_weight!r}")
+        if self.sample_weight is not None:
+            raise ProbeError("class_weight and sample_weight cannot be used together "
+                             "(fit() refuses it too); give one of them")
+        if isinstance(self.y, (dict, list, tuple)):
+            raise ProbeError("class_weight applies to a model with one output (as in fit()); "
+                             "these labels are of several outputs")
+        from keras.src.trainers.data_adapters.data_adapter_utils import (
+            class_weight_to_sample_weights,
+        )
+
+        return Probe(self.x, self.y, class_weight_to_sample_weights(self.y, class_weight),
+                     total=self.total, dataset_batch_size=self.dataset_batch_size)
+
     def batches(self, batch_size):
         """Yield ``(x, y, sample_weight)`` slices of ``batch_size`` samples, in order."""
         for start in range(0, self.size, batch_size):

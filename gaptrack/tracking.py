@@ -36,6 +36,7 @@ This module knows MLflow and pandas, not Keras.
 import json
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -45,8 +46,6 @@ import uuid
 import warnings
 from pathlib import Path
 
-#: MLflow's limit of metrics in one ``log_batch`` request.
-MAX_METRICS_PER_BATCH = 1000
 #: Environment variable naming the spool directory.
 SPOOL_ENV = "GAPTRACK_SPOOL_DIR"
 #: Seconds :meth:`RunLogger.close` waits for the server at train end, by default.
@@ -99,6 +98,9 @@ def _http_status(exc):
         return None
 
 
+_CREDENTIALS = re.compile(r"(//)[^/@\s]+@")
+
+
 def describe_failure(exc):
     """One line on a failed request; ``(text, permanent)``.
 
@@ -107,7 +109,9 @@ def describe_failure(exc):
     5xx) may.
     """
     status = _http_status(exc)
-    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    # MLflow's messages quote the request URL, credentials included.
+    first_line = _CREDENTIALS.sub(r"\1", str(exc).splitlines()[0] if str(exc) else "")
+    text = f"{type(exc).__name__}: {first_line}"
     if status in (401, 403):
         return (f"the tracking server refused the request (HTTP {status}): set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to credentials "
@@ -174,7 +178,6 @@ class Spool:
     def append(self, op):
         with open(self.dir / "ops.jsonl", "a") as f:
             f.write(json.dumps(op) + "\n")
-            f.flush()
 
     def ops(self):
         path = self.dir / "ops.jsonl"
@@ -231,10 +234,9 @@ class _Sender:
         run_id = self.run_id()
         kind = op["type"]
         if kind == "metrics":
-            points = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
-            for start in range(0, len(points), MAX_METRICS_PER_BATCH):
-                self.client.log_batch(run_id, metrics=points[start:start + MAX_METRICS_PER_BATCH],
-                                      synchronous=True)
+            # MLflow's client splits it into requests of at most 1000 metrics
+            self.client.log_batch(run_id, synchronous=True, metrics=[
+                Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]])
         elif kind == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()],
                                   synchronous=True)
@@ -413,13 +415,13 @@ class RunLogger:
         """Wait until everything queued is on the server; ``True`` if it is."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            while self._sent < self._seq - 1 and self._fatal is None:
+            while self.pending > 0 and self._fatal is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self._idle.wait(remaining)
         self._report()
-        return self._sent >= self._seq - 1
+        return self.pending == 0
 
     def remaining_budget(self):
         """Seconds left of ``close_timeout`` for the end of training; the clock

@@ -70,11 +70,12 @@ def _main_params():
     from projects.sweep import parse_grid
 
     params = dict(scenario(MAIN_SCENARIO).PARAMS)
-    for name, _ in parse_grid(MAIN_GRID, params, MAIN_SCENARIO):
+    grid = parse_grid(MAIN_GRID, params, MAIN_SCENARIO)
+    for name, _ in grid:
         del params[name]
     params["epochs"] = params["epochs"].with_default(MAIN_EPOCHS)
     params["metric"] = text("loss")
-    return params
+    return params, grid
 
 
 @cli.command(context_settings=_EXTRA)
@@ -87,12 +88,11 @@ def main(tokens):
     Parameters: deep_mlp's (see `train --help`) except bn and batch_size, with
     epochs=20, and --metric (the compiled metric ranked by; default loss).
     """
-    from projects.sweep import parse_grid, run_grid
+    from projects.sweep import run_grid
 
-    params = _main_params()
+    params, grid = _main_params()
     config, _ = parse(pairs(tokens), params, "main")
     metric = config.pop("metric")
-    grid = parse_grid(MAIN_GRID, scenario(MAIN_SCENARIO).PARAMS, MAIN_SCENARIO)
     run_grid(MAIN_SCENARIO, config, grid, metric,
              {"scenario": MAIN_SCENARIO, "grid": MAIN_GRID, "metric": metric, **config})
 
@@ -149,6 +149,7 @@ def compare(tokens):
     import mlflow
 
     import gaptrack
+    from gaptrack.compare import REPORT_TAG
     from projects.sweep import format_ranking
 
     experiment = config["experiment"]
@@ -160,7 +161,7 @@ def compare(tokens):
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
     with mlflow.start_run() if under_mlflow_run else contextlib.nullcontext():
         if under_mlflow_run:
-            mlflow.set_tag("gaptrack.report", "true")
+            mlflow.set_tag(REPORT_TAG, "true")
         ranking = gaptrack.rank_runs(experiment, metric=config["metric"], by=config["by"],
                                      filter_string=config["filter"], top_k=top_k)
         if under_mlflow_run:

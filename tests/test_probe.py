@@ -318,3 +318,28 @@ def test_dataset_without_targets_is_an_error():
 def test_arrays_of_different_lengths_are_an_error():
     with pytest.raises(ProbeError, match=re.escape("[4, 5]")):
         Probe.from_data((np.zeros((5, 2)), np.zeros(4)))
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["class_ids", "one_hot"])
+def test_class_weight_becomes_the_sample_weight_fit_derives(one_hot):
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 4, size=50)
+    y = np.eye(4, dtype="float32")[classes] if one_hot else classes
+    x = rng.normal(size=(50, 3)).astype("float32")
+    probe = Probe.from_data((x, y), probe_size=20, seed=1)
+    weighted = probe.with_class_weight({0: 2.0, 2: 0.5})  # class 1 and 3 not named: 1
+    table = np.array([2.0, 1.0, 0.5, 1.0])
+    labels = probe.y.argmax(-1) if one_hot else probe.y
+    np.testing.assert_array_equal(weighted.sample_weight, table[labels])
+    assert weighted.x is probe.x and weighted.y is probe.y and probe.sample_weight is None
+    assert (weighted.size, weighted.total) == (20, 50)
+
+
+def test_class_weight_refusals_name_the_value():
+    x, y = np.zeros((4, 2), "float32"), np.array([0, 1, 0, 1])
+    with pytest.raises(ProbeError, match=r"class_weight must be a dict .* got \[1\.0, 2\.0\]"):
+        Probe.from_data((x, y)).with_class_weight([1.0, 2.0])
+    with pytest.raises(ProbeError, match="class_weight and sample_weight cannot be used together"):
+        Probe.from_data((x, y, np.ones(4))).with_class_weight({0: 2.0})
+    with pytest.raises(ProbeError, match="one output"):
+        Probe.from_data((x, {"a": y, "b": y})).with_class_weight({0: 2.0})

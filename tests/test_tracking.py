@@ -7,22 +7,33 @@ import time
 
 import keras
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import gaptrack
 from builders import blobs, mlp
 from conftest import MlflowServer, free_port
-from gaptrack.tracking import RunLogger, SyncError, TrackingWarning, redact_uri, spool_root, sync
+from gaptrack import callback as callback_module
+from gaptrack.tracking import (
+    RunLogger,
+    SyncError,
+    TrackingWarning,
+    describe_failure,
+    redact_uri,
+    spool_root,
+    sync,
+)
 
 
 def point_counts(client, run_id, keys):
     return {k: [p.step for p in client.get_metric_history(run_id, k)] for k in keys}
 
 
-def test_large_batches_are_chunked_and_the_spool_is_removed(sqlite_uri):
+def test_large_batches_arrive_whole_and_the_spool_is_removed(sqlite_uri):
+    # 2500 metrics in one log_metrics: more than MLflow takes in one request
+    # (1000); its client splits them.
     logger = RunLogger()
     metrics = {f"m/{i}": float(i) for i in range(2500)}
     logger.log_metrics(metrics, step=3)
@@ -50,9 +61,26 @@ def test_artifact_paths_cannot_leave_the_run(sqlite_uri, tmp_path):
     logger.close()
 
 
-def test_credentials_are_not_spooled():
+def test_credentials_are_not_spooled_nor_shown(monkeypatch):
     assert redact_uri("http://alice:s3cret@127.0.0.1:5000/x") == "http://127.0.0.1:5000/x"
     assert redact_uri("sqlite:///tmp/a.db") == "sqlite:///tmp/a.db"
+    text, _ = describe_failure(MlflowException(
+        "API request to http://alice:s3cret@127.0.0.1:9/api/2.0/mlflow/runs/create failed"))
+    assert text == ("MlflowException: API request to "
+                    "http://127.0.0.1:9/api/2.0/mlflow/runs/create failed")
+    # A server that never answers: the spool and every warning name it without the password.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri(f"http://alice:s3cret@127.0.0.1:{free_port()}")
+    try:
+        logger = RunLogger(close_timeout=0.5)
+        logger.log_metrics({"gap/loss": 0.25}, step=0)
+        with pytest.warns(TrackingWarning) as warned:
+            assert not logger.close()
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert "127.0.0.1" in (logger.spool.dir / "meta.json").read_text()
+    assert "s3cret" not in (logger.spool.dir / "meta.json").read_text()
+    assert warned and not any("s3cret" in str(w.message) for w in warned)
 
 
 def _train(epochs, tracker_kwargs=None, callbacks=()):
@@ -70,6 +98,10 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.chdir(tmp_path)
     port = free_port()
+    reported = []  # the history the train-end report is built from (the tracker's own copy)
+    log_report = callback_module.log_report
+    monkeypatch.setattr(callback_module, "log_report",
+                        lambda logger, local: reported.append(local) or log_report(logger, local))
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:
         with pytest.warns(TrackingWarning, match="gaptrack sync"):
@@ -103,6 +135,12 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
             df = gaptrack.load_bn_snapshots(run_id, tracking_uri=server.url)
             assert sorted(df.epoch.unique()) == [0, 1, 2]
             assert run.data.tags["gaptrack.probe_size"] == "48"
+            # the report made while the server was away had the run's own tags
+            [local] = reported
+            assert local.tags == {k: run.data.tags[k] for k in local.tags}
+            assert {"gaptrack.batch_size", "gaptrack.bn_worst_layer"} <= set(local.tags)
+            assert local.metrics["fit/loss"] == {
+                p.step: p.value for p in client.get_metric_history(run_id, "fit/loss")}
         finally:
             server.stop()
     finally:
