@@ -175,12 +175,11 @@ class GapTracker(keras.callbacks.Callback):
             self._tags.update(worst)
             self.logger.set_tags(worst)
         if self._decompositions:
-            # the diagnosis tags and gaptrack/report/, from what reached the server
-            # (or, if it did not in time, from the tracker's own copy)
+            # the diagnosis tags and gaptrack/report/, from the tracker's own copy of
+            # what it logged
             run_id = self.logger.run_id or "(not yet created)"
-            local = RunHistory(run_id=run_id, run_name=run_id, metrics=self._history,
-                               tags=dict(self._tags))
-            log_report(self.logger, local)
+            log_report(self.logger, RunHistory(run_id=run_id, run_name=run_id,
+                                               metrics=self._history, tags=dict(self._tags)))
         self.logger.close()
 
     # -- the measurement ---------------------------------------------------------

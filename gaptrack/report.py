@@ -36,6 +36,7 @@ Example:
 """
 
 import base64
+import dataclasses
 import html
 import io
 import math
@@ -43,7 +44,6 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass
 from functools import cached_property
 
 from gaptrack.decompose import PARTS
@@ -70,7 +70,7 @@ class ReportWarning(UserWarning):
     """The report could not be logged at train end (training goes on)."""
 
 
-@dataclass
+@dataclasses.dataclass
 class RunHistory:
     """What a run logged that the report needs.
 
@@ -168,44 +168,34 @@ def build_report(history):
     return Report(history, diagnosis)
 
 
-def log_report(logger, local=None):
+def log_report(logger, history):
     """Tag the diagnosis and log the report of the run ``logger`` writes to.
 
-    Called by the tracker at train end: it waits (within the logger's
-    ``close_timeout`` budget, shared with the rest of the end of training) until
-    the run's metrics are on the server, and builds the report from what the
-    server holds, so that it is the one ``gaptrack report RUN_ID`` rebuilds.
-    When the server does not have them in time, the report is built from
-    ``local``, the tracker's own copy of what it logged, and waits in the spool
-    with the rest. The tags and files are queued on the logger like any other
-    (spooled, retried). Nothing is raised: when the report fails, a
-    :class:`ReportWarning` says so and training ends as it would have.
+    Called by the tracker at train end with ``history``, its own copy of what it
+    logged (the same points the server gets, so the report is the one
+    ``gaptrack report RUN_ID`` rebuilds from the server). It waits (within the
+    logger's ``close_timeout`` budget, shared with the rest of the end of
+    training) for the run to be on the server, for the run's id and name; when
+    it is not in time, the report says so and waits in the spool with the rest.
+    The tags and files are queued on the logger like any other (spooled,
+    retried). Nothing is raised: when the report fails, a :class:`ReportWarning`
+    says so and training ends as it would have.
 
     Args:
         logger: the run's :class:`gaptrack.tracking.RunLogger`.
-        local: a :class:`RunHistory` of what the tracker logged, or ``None``.
+        history: a :class:`RunHistory` of what the tracker logged.
 
     Returns:
         The :class:`Report`, or ``None`` when it could not be made.
     """
-    timeout = logger.remaining_budget()
-    if not logger.flush(timeout) or logger.run_id is None:
-        if local is None:
-            warnings.warn(f"gaptrack: no report for run {logger.run_id or '(not created yet)'}: "
-                          f"its history did not reach the tracking server within {timeout:g} s "
-                          "(once it has, `gaptrack report RUN_ID` rebuilds it)",
-                          ReportWarning, stacklevel=2)
-            return None
-        history = local
-    else:
-        history = None
+    if logger.flush(logger.remaining_budget()) and logger.run_id is not None:
+        history = dataclasses.replace(history, run_id=logger.run_id,
+                                      run_name=_run_name(logger) or logger.run_id)
     try:
-        if history is None:
-            history = load_history(logger.run_id, logger.tracking_uri)
         report = build_report(history)
         artifacts = report.artifacts()
     except Exception as exc:  # noqa: BLE001 - a report failure never stops training
-        warnings.warn(f"gaptrack could not make the report of run {logger.run_id} "
+        warnings.warn(f"gaptrack could not make the report of run {history.run_id} "
                       f"({type(exc).__name__}: {exc})", ReportWarning, stacklevel=2)
         return None
     logger.set_tags(report.diagnosis.tags)
@@ -216,6 +206,16 @@ def log_report(logger, local=None):
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
             logger.log_artifact(path, REPORT_DIR)  # copied into the logger's spool
     return report
+
+
+def _run_name(logger):
+    """The run's name on the server (one request), or ``None``."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(logger.tracking_uri).get_run(logger.run_id).info.run_name
+    except Exception:  # noqa: BLE001 - the title falls back to the run id
+        return None
 
 
 def _num(value, sign=False):

@@ -234,7 +234,7 @@ def test_a_failing_report_never_stops_training(sqlite_uri, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("report store exploded")
 
-    monkeypatch.setattr("gaptrack.report.load_history", broken)
+    monkeypatch.setattr("gaptrack.report.build_report", broken)
     x, y = blobs(48)
     tracker = gaptrack.GapTracker((x, y), batch_size=16)
     with warnings.catch_warnings(record=True) as caught:

@@ -101,7 +101,7 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
     reported = []  # the history the train-end report is built from (the tracker's own copy)
     log_report = callback_module.log_report
     monkeypatch.setattr(callback_module, "log_report",
-                        lambda logger, local: reported.append(local) or log_report(logger, local))
+                        lambda logger, history: reported.append(history) or log_report(logger, history))
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:
         with pytest.warns(TrackingWarning, match="gaptrack sync"):
