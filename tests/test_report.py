@@ -100,8 +100,10 @@ def test_numbers_in_the_report_are_the_logged_metrics(bn_run):
     assert s["cause"] == max(parts, key=lambda p: abs(parts[p])) == run.data.tags[
         "gaptrack.diagnosis"]
     assert float(s["part"]) == printed(parts[s["cause"]])
-    if s["share"] is not None:
-        assert int(s["share"]) == round(100 * parts[s["cause"]] / gap)
+    # this seeded run is drift (0.17 of a 0.20 gap): its share is printed; the other
+    # causes' sentences and remedies: test_sentence_and_remedy_for_each_cause
+    assert s["cause"] == "drift" and s["share"] is not None
+    assert int(s["share"]) == round(100 * parts[s["cause"]] / gap)
     assert {s["other1"], s["other2"]} == set(PARTS) - {s["cause"]}
     assert float(s["value1"]) == printed(parts[s["other1"]])
     assert float(s["value2"]) == printed(parts[s["other2"]])
@@ -109,8 +111,6 @@ def test_numbers_in_the_report_are_the_logged_metrics(bn_run):
     assert float(s["noise"]) == printed(float(s["z"]) * noise)
     assert int(s["n"]) == 128 == int(run.data.tags["gaptrack.probe_size"])
     assert f"**Diagnosis: `{s['cause']}`**" in markdown
-    if s["cause"] == "bn_ema":
-        assert "gaptrack.recalibrate_bn(model, (x_train, y_train), batch_size=32)" in markdown
 
     rows = table(markdown)
     assert list(rows) == ["loss", "accuracy"]
