@@ -96,8 +96,8 @@ def _tracker_for(arguments):
             data = data[:2]
         split = arguments.get("validation_split") or 0.0
         if split and arguments.get("validation_data") is None:
-            from keras.src.trainers.data_adapters.array_slicing import train_validation_split
+            from gaptrack.keras_private import train_validation_split
 
-            data, _ = train_validation_split(data, validation_split=split)
+            data = train_validation_split(data, split)
         batch_size = batch_size or KERAS_DEFAULT_BATCH_SIZE
     return GapTracker(data, batch_size=batch_size, **options)

@@ -23,13 +23,14 @@ moving. (``var`` is the mean within-batch variance, not the variance of the whol
 probe: it is what the layer saw in training at batch size ``B``.)
 
 **Staleness**, per layer, both scale-free (unchanged if the layer's input is
-multiplied by a constant)::
+multiplied by a constant), logged as ``staleness/mean/<layer>`` and
+``staleness/var/<layer>``::
 
-    mean_lag = mean over channels |moving_mean - mean| / sqrt(var + epsilon)
-    var_lag  = mean over channels |log(moving_variance + epsilon) - log(var + epsilon)|
+    mean = mean over channels |moving_mean - mean| / sqrt(var + epsilon)
+    var  = mean over channels |log(moving_variance + epsilon) - log(var + epsilon)|
 
-``mean_lag`` is the shift, in population standard deviations, that inference
-applies wrongly; ``var_lag`` is the log-ratio of the scales (0.69 is a factor 2).
+The first is the shift, in population standard deviations, that inference
+applies wrongly; the second the log-ratio of the scales (0.69 is a factor 2).
 
 A layer **trains** when a training-mode call uses its batch statistics: Keras 3
 does so when the layer is ``trainable`` and is called with ``training=True``.
@@ -42,13 +43,12 @@ does train, and is reported so.)
 """
 
 import contextlib
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-#: Characters MLflow accepts in a metric key besides letters and digits.
-_KEY_INVALID = re.compile(r"[^A-Za-z0-9_\-./: ]")
+from gaptrack import keras_private
+from gaptrack.keys import layer_key
 
 
 @dataclass(eq=False)
@@ -59,18 +59,13 @@ class BNLayer:
         layer: the Keras layer itself.
         path: unique, stable display path (``outer/inner/bn``); sibling layers
             with one name (two copies of a nested model) get ``name:2``, ``:3``...
-        key: ``path`` made into a valid MLflow key fragment, unique in the model.
+        key: ``path`` as the ``<layer>`` of its metric keys, unique in the model
+            (:func:`gaptrack.keys.layer_key`).
     """
 
     layer: object
     path: str
     key: str
-
-
-def _children(layer):
-    if hasattr(layer, "layers"):
-        return list(layer.layers)
-    return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
 def find_bn_layers(model):
@@ -91,7 +86,7 @@ def find_bn_layers(model):
 
     def walk(layer, prefix):
         names = {}
-        for child in _children(layer):
+        for child in keras_private.child_layers(layer):
             if id(child) in seen:
                 continue
             seen.add(id(child))
@@ -99,25 +94,11 @@ def find_bn_layers(model):
             name = child.name if count == 1 else f"{child.name}:{count}"
             path = f"{prefix}{name}"
             if isinstance(child, layers.BatchNormalization):
-                found.append(BNLayer(child, path, _unique_key(path, keys)))
+                found.append(BNLayer(child, path, layer_key(path, keys)))
             walk(child, path + "/")
 
     walk(model, "")
     return found
-
-
-def _unique_key(path, taken):
-    key = _KEY_INVALID.sub("_", path)
-    key = re.sub(r"/{2,}", "/", key).strip("/") or "_"
-    key = key.replace("..", "._")
-    # MLflow rejects keys that a path normalisation changes: no "." segment.
-    key = "/".join("_" if part == "." else part for part in key.split("/"))
-    candidate, n = key, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{key}:{n}"
-    taken.add(candidate)
-    return candidate
 
 
 @contextlib.contextmanager
@@ -127,7 +108,7 @@ def watch_inputs(bn_layers):
     Inside the block every listed layer's ``call`` is wrapped; each call stores
     ``(trains, mean, variance, n)`` in the returned dict under the layer's
     ``id``: the moments of the layer's input computed exactly as the layer
-    computes them in training (``layer._moments``), and the number of samples.
+    computes them in training, and the number of samples.
     Meant for use around a traced function: the tensors belong to its graph.
     """
     from keras import ops
@@ -138,7 +119,7 @@ def watch_inputs(bn_layers):
 
         def call(inputs, training=None, mask=None, _layer=layer, _call=layer.call):
             x = ops.cast(inputs, "float32")
-            mean, var = _layer._moments(x, mask)
+            mean, var = keras_private.batch_moments(_layer, x, mask)
             record[id(_layer)] = (
                 bool(training) and _layer.trainable,
                 ops.reshape(mean, (-1,)),
@@ -157,13 +138,13 @@ def watch_inputs(bn_layers):
 
 
 def staleness(moving_mean, moving_variance, mean, variance, epsilon):
-    """``(mean_lag, var_lag)`` of one layer; see the module docstring."""
+    """The ``(mean, var)`` staleness of one layer; see the module docstring."""
     moving_mean, moving_variance, mean, variance = (
         np.asarray(a, dtype=np.float64) for a in (moving_mean, moving_variance, mean, variance)
     )
-    mean_lag = np.mean(np.abs(moving_mean - mean) / np.sqrt(variance + epsilon))
-    var_lag = np.mean(np.abs(np.log(moving_variance + epsilon) - np.log(variance + epsilon)))
-    return float(mean_lag), float(var_lag)
+    shift = np.mean(np.abs(moving_mean - mean) / np.sqrt(variance + epsilon))
+    scale = np.mean(np.abs(np.log(moving_variance + epsilon) - np.log(variance + epsilon)))
+    return float(shift), float(scale)
 
 
 @dataclass(eq=False)
@@ -186,6 +167,7 @@ class BNStatistics:
     epsilon: float
 
     @property
-    def lag(self):
+    def staleness(self):
+        """``(mean, var)``: how stale the layer's moving statistics are."""
         return staleness(self.moving_mean, self.moving_variance, self.mean, self.variance,
                          self.epsilon)

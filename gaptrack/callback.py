@@ -5,36 +5,40 @@ measures the model on the probe (:mod:`gaptrack.measurement`), decomposes the ga
 (:mod:`gaptrack.decompose`) and logs, at step = epoch (0-based, as Keras and
 MLflow's autolog count), in one ``log_batch`` request:
 
-``fit/<m>``, ``val/<m>``, ``eval_train/<m>``, ``train_mode/<m>``,
-``precise_bn/<m>``, ``gap/<m>`` and ``gap/<m>/{drift,mode,bn_ema}``,
-``bn/<layer>/mean_lag`` and ``bn/<layer>/var_lag``, and ``noise/loss`` (the
-standard error of ``eval_train/loss`` as a mean of per-sample losses on the probe),
+the keys of :mod:`gaptrack.keys` (``fit/<m>``, ``val/<m>``, ``eval_train/<m>``,
+``train_mode/<m>``, ``precise_bn/<m>``, ``gap/<m>`` and its parts,
+``staleness/{mean,var}/<layer>``, ``noise/loss``), plus one BN snapshot table
+per measured epoch (:mod:`gaptrack.snapshots`). At train end: the summaries
+(``gap_final/<m>``, ``gap_max_abs/<m>``, ``gap_mean_abs/<m>``,
+``staleness/worst/{mean,var}``), the tags (version, diagnosis, probe and batch
+size) and the per-run report under ``gaptrack/report/`` (:mod:`gaptrack.report`).
 
-plus one BN snapshot table per measured epoch (:mod:`gaptrack.snapshots`). At
-train end: ``gap_final/<m>``, ``gap_max_abs/<m>``, ``gap_mean_abs/<m>``, the
-worst BN layer's lags (``bn_worst/mean_lag``, ``bn_worst/var_lag``), the tags
-``gaptrack.version``, ``gaptrack.diagnosis`` (:mod:`gaptrack.diagnosis`),
-``gaptrack.probe_size``, ``gaptrack.batch_size``, and the per-run report under
-``gaptrack/report/`` (:mod:`gaptrack.report`).
-
-It does not disturb training: it measures statelessly (no weight, BN statistic,
-seed or metric variable changes), never modifies ``logs``, and a tracking
-failure is a warning, with the data retried at the next epoch.
+It keeps one history, a list of :class:`gaptrack.record.EpochRecord`, from which
+the summaries and the report are made. It does not disturb training: it
+measures statelessly (no weight, BN statistic, seed or metric variable
+changes), never modifies ``logs``, a tracking failure is a warning with the data
+retried in the background, and any other failure inside it is one warning
+(:mod:`gaptrack.safety`): training goes on.
 """
 
 import contextlib
 import math
+import os
+import tempfile
 import warnings
 
 import keras
 
-from gaptrack import __version__
-from gaptrack.decompose import decompose, gap_history, summarize
+from gaptrack import __version__, keys
+from gaptrack.decompose import decompose, summarize
 from gaptrack.measurement import Measurer
-from gaptrack.probe import Probe
-from gaptrack.report import RunHistory, log_report
-from gaptrack.snapshots import snapshot_frame, snapshot_path
-from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger
+from gaptrack.probe import Probe, check_positive_int
+from gaptrack.record import EpochRecord, RunHistory
+from gaptrack.render import Rendering
+from gaptrack.report import build_report
+from gaptrack.safety import Guard
+from gaptrack.snapshots import snapshot_frame
+from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger, check_tracking_uri
 
 #: Keras' default batch size for in-memory data.
 KERAS_DEFAULT_BATCH_SIZE = 32
@@ -112,48 +116,49 @@ class GapTracker(keras.callbacks.Callback):
                  bn_snapshots=True, run_id=None, inference_batch_size=None,
                  close_timeout=DEFAULT_CLOSE_TIMEOUT, class_weight=None):
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0
-        ):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.every = check_positive_int("every", every)
+        self.batch_size = None if batch_size is None else check_positive_int("batch_size",
+                                                                             batch_size)
         self.probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
         if class_weight is not None:
             self.probe = self.probe.with_class_weight(class_weight)
-        self.batch_size = batch_size
-        self.every = every
         self.seed = seed
         self.bn_snapshots = bn_snapshots
         self.inference_batch_size = inference_batch_size
-        self._run_id = run_id
         self.close_timeout = close_timeout
+        self._given_run_id = run_id
         self.logger = None
+        #: The one history: an :class:`EpochRecord` per logged step.
+        self.records = []
         self._measurer = None
-        self._decompositions = []
-        self._last_lags = {}
+        self._tags = {}
+        self._guard = Guard()
 
     @property
     def run_id(self):
         """The MLflow run logged to (``None`` before training starts)."""
-        return self.logger.run_id if self.logger else self._run_id
+        return self.logger.run_id if self.logger else self._given_run_id
 
     # -- Keras hooks -------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        import mlflow
+
+        check_tracking_uri(mlflow.get_tracking_uri())  # a bad URI is refused, not warned
+        self.records = []
+        self._measurer = None
+        self._guard.reset()
         if self.batch_size is None:
             self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
-        self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
-                                  inference_batch_size=self.inference_batch_size)
-        self._decompositions = []
-        self._history = {}
-        self.logger = RunLogger(self._run_id, close_timeout=self.close_timeout)
-        self._tags = {
-            "gaptrack.version": __version__,
-            "gaptrack.probe_size": str(self.probe.size),
-            "gaptrack.batch_size": str(self.batch_size),
-        }
-        self.logger.set_tags(self._tags)
+        self._tags = {keys.VERSION_TAG: __version__, keys.PROBE_SIZE_TAG: str(self.probe.size),
+                      keys.BATCH_SIZE_TAG: str(self.batch_size)}
+        with self._guard("starting the MLflow run"):
+            self.logger = RunLogger(self._given_run_id, close_timeout=self.close_timeout)
+            self.logger.set_tags(self._tags)
+        with self._guard("preparing the measurement"):
+            self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
+                                      inference_batch_size=self.inference_batch_size)
+        self._tag_failures()
 
     def on_epoch_end(self, epoch, logs=None):
         epochs = (self.params or {}).get("epochs")
@@ -163,23 +168,20 @@ class GapTracker(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.logger is None:
             return
-        history = gap_history(self._decompositions)
-        final = summarize(history)
-        if self._last_lags:
-            final["bn_worst/mean_lag"] = max(lag[0] for lag in self._last_lags.values())
-            final["bn_worst/var_lag"] = max(lag[1] for lag in self._last_lags.values())
-        self.logger.log_metrics(final, step=0)
-        if self._last_lags:
-            worst = {"gaptrack.bn_worst_layer": max(
-                self._last_lags, key=lambda k: self._last_lags[k][0])}
-            self._tags.update(worst)
-            self.logger.set_tags(worst)
-        if self._decompositions:
-            # the diagnosis tags and gaptrack/report/, from the tracker's own copy of
-            # what it logged
-            run_id = self.logger.run_id or "(not yet created)"
-            log_report(self.logger, RunHistory(run_id=run_id, run_name=run_id,
-                                               metrics=self._history, tags=dict(self._tags)))
+        summaries = summarize(self.records)
+        last = next((r for r in reversed(self.records) if r.staleness), None)
+        worst = None
+        if last is not None:
+            worst = tuple(max(lags[i] for lags in last.staleness.values()) for i in range(2))
+            self._tags[keys.WORST_LAYER_TAG] = max(last.staleness,
+                                                   key=lambda k: last.staleness[k][0])
+        with self._guard("logging the summaries"):
+            self.logger.log_metrics(keys.summary_metrics(summaries, worst), step=0)
+            self.logger.set_tags(self._tags)
+        if any(r.parts for r in self.records):
+            with self._guard("the report"):
+                self._log_report()
+        self._tag_failures()
         self.logger.close()
 
     # -- the measurement ---------------------------------------------------------
@@ -195,32 +197,56 @@ class GapTracker(keras.callbacks.Callback):
                 ``fit/*`` and ``val/*`` are logged).
 
         Returns:
-            The ``{key: value}`` logged at this step.
+            The :class:`gaptrack.record.EpochRecord` logged at this step.
         """
-        if self._measurer is None:
+        if self.logger is None and self._measurer is None:
             raise RuntimeError("GapTracker.log_epoch needs a model: use it as a fit() "
                                "callback or inside `with tracker.track(model):`")
-        fit = {k: float(v) for k, v in logs.items() if not k.startswith("val_")}
-        metrics = {f"fit/{k}": v for k, v in fit.items()}
-        metrics.update({f"val/{k[4:]}": float(v) for k, v in logs.items() if k.startswith("val_")})
-        if measure:
-            m = self._measurer.measure(self.probe)
-            parts = decompose(fit, m.eval_train, m.train_mode, m.precise_bn)
-            self._decompositions.append(parts)
-            metrics.update(m.as_metrics())
-            metrics.update(parts)
-            if m.loss_standard_error is not None:
-                metrics["noise/loss"] = m.loss_standard_error
-            for stats in m.bn:
-                if all(math.isfinite(v) for v in stats.mean):
-                    lag = self._last_lags[stats.key] = stats.lag
-                    metrics[f"bn/{stats.key}/mean_lag"], metrics[f"bn/{stats.key}/var_lag"] = lag
-            if self.bn_snapshots and m.bn:
-                self.logger.log_table(snapshot_frame(step, m.bn), snapshot_path(step))
-        self.logger.log_metrics(metrics, step=step)
-        for key, value in metrics.items():
-            self._history.setdefault(key, {})[step] = value
-        return metrics
+        record = EpochRecord(
+            step=step,
+            fit={k: float(v) for k, v in logs.items() if not k.startswith("val_")},
+            val={k[len("val_"):]: float(v) for k, v in logs.items() if k.startswith("val_")},
+        )
+        measurement = None
+        if measure and self._measurer is not None:
+            with self._guard(f"measuring epoch {step}", kind="measuring"):
+                measurement = self._measurer.measure(self.probe)
+        if measurement is not None:
+            _add_measurement(record, measurement)
+        self.records.append(record)
+        if self.logger is not None:
+            with self._guard("logging to MLflow", kind="logging"):
+                if measurement is not None and self.bn_snapshots and measurement.bn:
+                    self.logger.log_table(snapshot_frame(step, measurement.bn),
+                                          keys.snapshot_path(step))
+                self.logger.log_metrics(keys.epoch_metrics(record), step=step)
+            self._tag_failures()
+        return record
+
+    def _tag_failures(self):
+        """Tag the run with what failed inside the tracker, when something did."""
+        if self._guard.failures and self.logger is not None:
+            error = self._guard.summary
+            if self._tags.get(keys.ERROR_TAG) != error:
+                self._tags[keys.ERROR_TAG] = error
+                self.logger.set_tags({keys.ERROR_TAG: error})
+
+    def _log_report(self):
+        """Tag the diagnosis, describe the run and log the report files, within
+        what is left of ``close_timeout``."""
+        found = self.logger.wait_for_run(self.logger.remaining_budget())
+        run_id, run_name = found or (self.logger.run_id or "(not yet created)",) * 2
+        report = build_report(RunHistory(run_id=run_id, run_name=run_name,
+                                         records=self.records, tags=dict(self._tags)))
+        rendering = Rendering(report)
+        artifacts = rendering.artifacts()
+        self.logger.set_tags(keys.diagnosis_tags(report.diagnosis))
+        with tempfile.TemporaryDirectory(prefix="gaptrack-report-") as tmp:
+            for name, data in artifacts.items():
+                path = os.path.join(tmp, name)
+                with open(path, "wb") as f:
+                    f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                self.logger.log_artifact(path, keys.REPORT_DIR)  # copied into the spool
 
     @contextlib.contextmanager
     def track(self, model):
@@ -254,3 +280,15 @@ class GapTracker(keras.callbacks.Callback):
             BatchSizeWarning, stacklevel=3,
         )
         return guess
+
+
+def _add_measurement(record, measurement):
+    """Fill ``record`` with one measurement and the gap it decomposes."""
+    record.eval_train = measurement.eval_train
+    record.train_mode = measurement.train_mode
+    record.precise_bn = measurement.precise_bn or {}
+    record.parts = decompose(record.fit, measurement.eval_train, measurement.train_mode,
+                             measurement.precise_bn)
+    record.noise = measurement.loss_standard_error
+    record.staleness = {stats.key: stats.staleness for stats in measurement.bn
+                        if all(math.isfinite(v) for v in stats.mean)}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from gaptrack.keys import SUMMARIES
+
 _FORMATS = ("table", "csv", "json", "markdown")
 _SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".md": "markdown"}
 
@@ -22,7 +24,7 @@ def main():
               metavar="NAME_OR_ID", help="Experiment to compare (name or id); repeat for several.")
 @click.option("-m", "--metric", default="loss", show_default=True,
               help="Compiled Keras metric, as Keras names it (loss, accuracy, ...).")
-@click.option("--by", type=click.Choice(["final", "max_abs", "mean_abs"]), default="final",
+@click.option("--by", type=click.Choice(SUMMARIES), default="final",
               show_default=True,
               help="Rank by |gap| at the last epoch, its maximum, or its mean over epochs.")
 @click.option("--filter", "filter_string", default="", metavar="FILTER",
@@ -65,7 +67,7 @@ def compare(experiments, metric, by, filter_string, top_k, tracking_uri, fmt, ou
     untracked = ranking.attrs["untracked_runs"]
     if untracked:
         click.echo(f"note: {untracked} runs matching the filter were not tracked by gaptrack "
-                   "(no tag gaptrack.version) and are left out", err=True)
+                   f"(no tag {comparison.VERSION_TAG}) and are left out", err=True)
     if log_report:
         with contextlib.redirect_stdout(sys.stderr):  # MLflow prints the run's URL
             run_id = comparison.log_comparison(ranking)
@@ -101,15 +103,17 @@ def _render(ranking, fmt):
 def report(run_id, tracking_uri, html_file):
     """Why fit() and evaluate() disagree in run RUN_ID: the diagnosis, the numbers
     behind it and what to do, rebuilt from the run's logged metrics."""
-    from gaptrack import report as reporting  # MLflow loads only when reporting
+    from gaptrack.render import Rendering  # MLflow loads only when reporting
+    from gaptrack.report import ReportError, build_report
+    from gaptrack.runs import load_history
 
     try:
-        run_report = reporting.build_report(reporting.load_history(run_id, tracking_uri))
-    except reporting.ReportError as e:
+        rendering = Rendering(build_report(load_history(run_id, tracking_uri)))
+    except ReportError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(run_report.text(), nl=False)
+    click.echo(rendering.text(), nl=False)
     if html_file is not None:
-        html_file.write_text(run_report.html(), encoding="utf-8")
+        html_file.write_text(rendering.html(), encoding="utf-8")
         click.echo(f"wrote {html_file}", err=True)
 
 

@@ -50,18 +50,14 @@ from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gaptrack.decompose import PARTS
-from gaptrack.diagnosis import DIAGNOSIS_TAG
-
-RANK_KEYS = ("final", "max_abs", "mean_abs")
-TRACKED_TAG = "gaptrack.version"
-REPORT_TAG = "gaptrack.report"
+from gaptrack.keys import (DIAGNOSIS_TAG, EVAL_TRAIN, FIT, GAP, GAP_CURVES, PARTS, RANKING_PAGE,
+                           RANKING_TABLE, REPORT_TAG, SUMMARIES, VERSION_TAG, measured_metrics, metric_key, part_key, summary_key)
 
 _PAGE_SIZE = 1000
 _PLOTTED_RUNS = 10
 _LISTED_NAMES = 20
 _COLUMNS = ("rank", "run_id", "run_name", "experiment", "status",
-            *(f"gap_{key}" for key in RANK_KEYS), "fit", "eval_train", "gap", *PARTS, "diagnosis")
+            *(f"{GAP}_{key}" for key in SUMMARIES), "fit", "eval_train", "gap", *PARTS, "diagnosis")
 
 
 class CompareError(Exception):
@@ -110,18 +106,18 @@ def rank_runs(experiments, metric="loss", by="final", filter_string="",
         ...                              by="max_abs", top_k=5)
         >>> ranking[["rank", "run_name", "gap_max_abs", "diagnosis"]]
     """
-    if by not in RANK_KEYS:
-        raise CompareError(f"ranking key {by!r} not known; use one of: {', '.join(RANK_KEYS)}")
+    if by not in SUMMARIES:
+        raise CompareError(f"ranking key {by!r} not known; use one of: {', '.join(SUMMARIES)}")
     if top_k is not None and top_k < 1:
         raise CompareError(f"top_k must be >= 1, got {top_k}")
     client, uri = _client(tracking_uri)
     found = _resolve_experiments(client, experiments)
     ids = [e.experiment_id for e in found]
     names = {e.experiment_id: e.name for e in found}
-    tracked = _and(filter_string, f"tags.`{TRACKED_TAG}` IS NOT NULL")
+    tracked = _and(filter_string, f"tags.`{VERSION_TAG}` IS NOT NULL")
     try:
         runs = _ranked(client, ids, tracked, metric, by, top_k)
-        untracked = _count(client, ids, _and(filter_string, f"tags.`{TRACKED_TAG}` IS NULL",
+        untracked = _count(client, ids, _and(filter_string, f"tags.`{VERSION_TAG}` IS NULL",
                                              f"tags.`{REPORT_TAG}` IS NULL"))
     except MlflowException as e:
         if e.error_code == "INVALID_PARAMETER_VALUE":
@@ -170,13 +166,13 @@ def log_comparison(ranking):
         Param("filter_string", query["filter_string"]),
         Param("top_k", str(query["top_k"])), Param("untracked_runs", str(query["untracked_runs"])),
     ])
-    client.log_text(run_id, ranking.to_csv(index=False), "ranking.csv")
-    title = html.escape(f"gaptrack: runs ranked by |gap_{query['by']}/{query['metric']}|")
+    client.log_text(run_id, ranking.to_csv(index=False), RANKING_TABLE)
+    title = html.escape(f"gaptrack: runs ranked by |{summary_key(query['by'], query['metric'])}|")
     table = ranking.to_html(index=False, na_rep="", float_format="{:.6g}".format)
     client.log_text(run_id, f"<html><head><title>{title}</title></head><body>"
-                            f"<h1>{title}</h1>{table}</body></html>", "ranking.html")
+                            f"<h1>{title}</h1>{table}</body></html>", RANKING_PAGE)
     client.log_figure(run_id, _gap_curves(client, ranking.head(_PLOTTED_RUNS), query["metric"]),
-                      "gap_curves.png")
+                      GAP_CURVES)
     client.set_terminated(run_id)
     return run_id
 
@@ -188,13 +184,13 @@ def _gap_curves(client, runs, metric):
     figure = Figure(figsize=(8, 5))
     axes = figure.subplots()
     for run in runs.itertuples():
-        history = sorted(client.get_metric_history(run.run_id, f"gap/{metric}"),
+        history = sorted(client.get_metric_history(run.run_id, metric_key(GAP, metric)),
                          key=lambda point: point.step)
         axes.plot([p.step for p in history], [p.value for p in history], marker="o",
                   label=f"#{run.rank} {run.run_name}")
     axes.axhline(0.0, color="grey", linewidth=0.8)
     axes.set_xlabel("epoch")
-    axes.set_ylabel(f"gap/{metric} = fit - evaluate")
+    axes.set_ylabel(f"{metric_key(GAP, metric)} = fit - evaluate")
     axes.set_title(f"fit() minus evaluate() on the training data: {metric}")
     axes.legend(fontsize="small")
     return figure
@@ -258,8 +254,8 @@ def _search(client, experiment_ids, filter_string, order_by=None, limit=None):
 def _ranked(client, experiment_ids, tracked, metric, by, top_k):
     """The tracked runs having ``gap_<by>/<metric>``, by its absolute value,
     largest first (NaN last), at most ``top_k``."""
-    key = f"metrics.`gap_{by}/{metric}`"
-    value = f"gap_{by}/{metric}"
+    value = summary_key(by, metric)
+    key = f"metrics.`{value}`"
     if by == "final":
         positive = _search(client, experiment_ids, _and(tracked, f"{key} >= 0"),
                            [f"{key} DESC"], top_k)
@@ -286,15 +282,15 @@ def _explain_empty(client, experiment_ids, tracked, metric, by, untracked, names
     runs = client.search_runs(experiment_ids, tracked, max_results=_PAGE_SIZE)
     if not runs:
         where = ", ".join(repr(names[i]) for i in experiment_ids)
-        raise CompareError(f"no runs tracked by gaptrack (tag {TRACKED_TAG}) in experiment {where} "
+        raise CompareError(f"no runs tracked by gaptrack (tag {VERSION_TAG}) in experiment {where} "
                            f"matching the filter; {untracked} runs there were not tracked")
-    have = sorted({key.split("/")[1] for run in runs for key in run.data.metrics
-                   if key.startswith("gap/") and key.count("/") == 1})
+    have = sorted({m for run in runs for m in measured_metrics(run.data.metrics)})
     if metric not in have:
         raise CompareError(f"metric {metric!r} not found; tracked runs have: "
                            f"{', '.join(have) or '(no gap metrics)'}")
-    raise CompareError(f"no tracked run has gap_{by}/{metric} yet: gaptrack logs it when fit() "
-                       f"ends, and the runs with gap/{metric} are still running or stopped early")
+    raise CompareError(f"no tracked run has {summary_key(by, metric)} yet: gaptrack logs it when "
+                       f"fit() ends, and the runs with {metric_key(GAP, metric)} are still running "
+                       "or stopped early")
 
 
 def _row(run, rank, metric, experiment_names):
@@ -307,10 +303,10 @@ def _row(run, rank, metric, experiment_names):
         "experiment": experiment_names[run.info.experiment_id],
         "status": run.info.status,
     }
-    for key in RANK_KEYS:
-        row[f"gap_{key}"] = logged.get(f"gap_{key}/{metric}", math.nan)
-    for column, key in (("fit", f"fit/{metric}"), ("eval_train", f"eval_train/{metric}"),
-                        ("gap", f"gap/{metric}"), *((p, f"gap/{metric}/{p}") for p in PARTS)):
+    for key in SUMMARIES:
+        row[f"{GAP}_{key}"] = logged.get(summary_key(key, metric), math.nan)
+    for column, key in ((FIT, metric_key(FIT, metric)), (EVAL_TRAIN, metric_key(EVAL_TRAIN, metric)),
+                        (GAP, metric_key(GAP, metric)), *((p, part_key(metric, p)) for p in PARTS)):
         row[column] = logged.get(key, math.nan)
     row["diagnosis"] = run.data.tags.get(DIAGNOSIS_TAG, "")
     row.update((f"params.{k}", v) for k, v in run.data.params.items())

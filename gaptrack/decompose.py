@@ -20,22 +20,23 @@ gap`` up to floating point rounding, whatever the numbers.
 
 import math
 
-PARTS = ("drift", "mode", "bn_ema")
-SUMMARIES = ("final", "max_abs", "mean_abs")
+from gaptrack.record import Parts
 
 
 def decompose(fit, eval_train, train_mode, precise_bn=None):
-    """The SPEC keys ``gap/<m>`` and ``gap/<m>/<part>`` for every metric measured
-    by both sides.
+    """The gap of every metric measured by both sides, and its parts.
 
     Args:
-        fit: ``{metric: value}`` as ``fit()`` reported it (``val_`` keys ignored).
+        fit: ``{metric: value}`` as ``fit()`` reported it.
         eval_train, train_mode, precise_bn: ``{metric: value}`` measurements;
-            ``precise_bn`` is ``None`` when no BN layer trains.
+            ``precise_bn`` is ``None`` (or empty) when no BN layer trains.
+
+    Returns:
+        ``{metric: Parts}``.
 
     Example:
         >>> decompose({"loss": 0.5}, {"loss": 0.75}, {"loss": 0.625}, {"loss": 0.6875})
-        {'gap/loss': -0.25, 'gap/loss/drift': -0.125, 'gap/loss/mode': -0.0625, 'gap/loss/bn_ema': -0.0625}
+        {'loss': Parts(gap=-0.25, drift=-0.125, mode=-0.0625, bn_ema=-0.0625)}
     """
     out = {}
     for name, e in eval_train.items():
@@ -43,49 +44,38 @@ def decompose(fit, eval_train, train_mode, precise_bn=None):
             continue
         f, e, t = float(fit[name]), float(e), float(train_mode[name])
         p = float(precise_bn[name]) if precise_bn and name in precise_bn else None
-        out[f"gap/{name}"] = f - e
-        out[f"gap/{name}/drift"] = f - t
-        out[f"gap/{name}/mode"] = t - (e if p is None else p)
-        out[f"gap/{name}/bn_ema"] = 0.0 if p is None else p - e
+        out[name] = Parts(gap=f - e, drift=f - t, mode=t - (e if p is None else p),
+                          bn_ema=0.0 if p is None else p - e)
     return out
 
 
-def summarize(history):
-    """Run-level summary keys from the per-epoch gaps.
+def summarize(records):
+    """Run-level summaries of the gaps of the measured epochs.
 
     Args:
-        history: ``{metric: [gap at each measured epoch, in order]}``.
+        records: ``[EpochRecord]`` in step order.
 
     Returns:
-        ``{"gap_final/<m>": last, "gap_max_abs/<m>": max |gap|,
-        "gap_mean_abs/<m>": mean |gap|}``; non-finite gaps are skipped by the
-        max and mean (and reported as such by ``gap_final``).
+        ``{metric: {"final": last gap, "max_abs": max |gap|, "mean_abs": mean
+        |gap|}}``; non-finite gaps are skipped by the max and mean (and
+        reported as such by ``final``).
 
     Example:
-        >>> summarize({"loss": [0.1, -0.3]})
-        {'gap_final/loss': -0.3, 'gap_max_abs/loss': 0.3, 'gap_mean_abs/loss': 0.2}
-    """
-    out = {}
-    for name, gaps in history.items():
-        if not gaps:
-            continue
-        finite = [abs(g) for g in gaps if math.isfinite(g)]
-        out[f"gap_final/{name}"] = gaps[-1]
-        out[f"gap_max_abs/{name}"] = max(finite) if finite else math.nan
-        out[f"gap_mean_abs/{name}"] = sum(finite) / len(finite) if finite else math.nan
-    return out
-
-
-def gap_history(decompositions):
-    """``{metric: [gap, ...]}`` from a list of :func:`decompose` results.
-
-    ``gap/<m>/<part>`` is a part only when ``gap/<m>`` is a key too, so metrics
-    named ``drift`` or ``out/mode`` keep their gaps.
+        >>> from gaptrack.record import EpochRecord
+        >>> summarize([EpochRecord(0, parts={"loss": Parts(0.1, 0.1, 0, 0)}),
+        ...            EpochRecord(1, parts={"loss": Parts(-0.3, -0.3, 0, 0)})])
+        {'loss': {'final': -0.3, 'max_abs': 0.3, 'mean_abs': 0.2}}
     """
     history = {}
-    for parts in decompositions:
-        for key, value in parts.items():
-            head, _, tail = key.rpartition("/")
-            if key.startswith("gap/") and not (tail in PARTS and head in parts):
-                history.setdefault(key[len("gap/"):], []).append(value)
-    return history
+    for record in records:
+        for name, parts in record.parts.items():
+            history.setdefault(name, []).append(parts.gap)
+    out = {}
+    for name, gaps in history.items():
+        finite = [abs(g) for g in gaps if math.isfinite(g)]
+        out[name] = {
+            "final": gaps[-1],
+            "max_abs": max(finite) if finite else math.nan,
+            "mean_abs": sum(finite) / len(finite) if finite else math.nan,
+        }
+    return out

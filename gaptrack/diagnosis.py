@@ -1,8 +1,8 @@
 """Why ``fit()`` and ``evaluate()`` disagree, in one word and its evidence.
 
-:func:`diagnose` reads a run's logged history (:mod:`gaptrack.decompose`'s
-``gap/<m>`` and its parts, ``fit/<m>``, ``eval_train/<m>``, ``noise/loss``) and
-returns a :class:`Diagnosis`, whose ``cause`` is the tag ``gaptrack.diagnosis``:
+:func:`diagnose` reads a run's history (its measured
+records, :class:`gaptrack.record.EpochRecord`: the gap and its parts, ``fit``,
+``eval_train``, the loss's noise) and returns a :class:`Diagnosis`, whose ``cause`` is the tag ``gaptrack.diagnosis``:
 
 - ``drift``, ``mode`` or ``bn_ema``: the part of the gap with the largest
   magnitude at the last measured epoch;
@@ -39,25 +39,24 @@ measurement. Without an SE (another metric; a multi-output model, whose
 per-sample loss Keras does not define) only a gap of exactly 0 is ``none``.
 
 Example:
-    >>> history = {"fit/loss": {0: 0.9, 1: 0.5}, "eval_train/loss": {0: 0.6, 1: 0.25},
-    ...            "gap/loss": {0: 0.3, 1: 0.25}, "gap/loss/drift": {0: 0.2, 1: 0.2},
-    ...            "gap/loss/mode": {0: 0.1, 1: 0.05}, "gap/loss/bn_ema": {0: 0.0, 1: 0.0},
-    ...            "noise/loss": {0: 0.04, 1: 0.03}}
-    >>> d = diagnose(history)
+    >>> from gaptrack.record import EpochRecord, Parts
+    >>> records = [EpochRecord(0, fit={"loss": 0.9}, eval_train={"loss": 0.6}, noise=0.04,
+    ...                        parts={"loss": Parts(0.3, 0.2, 0.1, 0.0)}),
+    ...            EpochRecord(1, fit={"loss": 0.5}, eval_train={"loss": 0.25}, noise=0.03,
+    ...                        parts={"loss": Parts(0.25, 0.2, 0.05, 0.0)})]
+    >>> d = diagnose(records)
     >>> d.cause, d.epoch, d.threshold
     ('drift', 1, 0.03)
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from gaptrack.decompose import PARTS
+from gaptrack.keys import PARTS
 
-CAUSES = PARTS + ("none", "nonfinite")
 #: Error bars: the gap is ``none`` within ``Z`` standard errors.
 Z = 1.0
-DIAGNOSIS_TAG = "gaptrack.diagnosis"
-NONFINITE_TAG = "gaptrack.nonfinite_epoch"
 
 
 class DiagnosisError(ValueError):
@@ -69,7 +68,8 @@ class Diagnosis:
     """The dominant cause of the gap of one metric, and the numbers behind it.
 
     Attributes:
-        cause: one of :data:`CAUSES` (the tag ``gaptrack.diagnosis``).
+        cause: ``drift``, ``mode``, ``bn_ema``, ``none`` or ``nonfinite`` (the
+            tag ``gaptrack.diagnosis``).
         metric: the metric diagnosed (``"loss"``).
         epoch: the epoch judged: the last measured one, or for ``nonfinite``
             the first epoch with a non-finite value.
@@ -101,20 +101,6 @@ class Diagnosis:
         """``z * noise``, the largest magnitude that is within noise (0 without noise)."""
         return 0.0 if self.noise is None else self.z * self.noise
 
-    @property
-    def dominant(self):
-        """The part with the largest magnitude (also when the cause is ``none``)."""
-        return max(PARTS, key=lambda part: abs(self.parts[part]))
-
-    @property
-    def tags(self):
-        """The run tags: ``gaptrack.diagnosis`` and, for a diverged run,
-        ``gaptrack.nonfinite_epoch``."""
-        tags = {DIAGNOSIS_TAG: self.cause}
-        if self.first_nonfinite_epoch is not None:
-            tags[NONFINITE_TAG] = str(self.first_nonfinite_epoch)
-        return tags
-
     def __str__(self):
         return self.cause
 
@@ -124,42 +110,40 @@ def is_accuracy(metric):
     return metric == "acc" or metric == "accuracy" or metric.endswith("_accuracy")
 
 
-def standard_error(history, metric, epoch, probe_size=None):
-    """The standard error of ``eval_train/<metric>`` at ``epoch``, or ``None``.
+def standard_error(record, metric, probe_size=None):
+    """The standard error of ``eval_train[metric]`` of one record, or ``None``.
 
-    ``noise/loss`` for the loss; ``sqrt(p (1 - p) / n)`` for an accuracy ``p``
+    The logged noise for the loss; ``sqrt(p (1 - p) / n)`` for an accuracy ``p``
     in [0, 1] on ``n = probe_size`` samples; ``None`` otherwise.
     """
     if metric == "loss":
-        value = history.get("noise/loss", {}).get(epoch)
-        return None if value is None else float(value)
-    p = history.get(f"eval_train/{metric}", {}).get(epoch)
+        return record.noise
+    p = record.eval_train.get(metric)
     if is_accuracy(metric) and probe_size and p is not None and 0.0 <= p <= 1.0:
         return math.sqrt(p * (1.0 - p) / probe_size)
     return None
 
 
-def first_nonfinite_epoch(history, metric="loss"):
-    """The first epoch at which ``fit/<metric>``, ``gap/<metric>`` or a part is
-    NaN or infinite, else ``None``.
+def first_nonfinite_epoch(records, metric="loss"):
+    """The first step at which ``fit``, the gap or a part of ``metric`` is NaN or
+    infinite, else ``None``.
 
-    Those keys see all four measurements (a part is a difference of two of
-    them), and ``fit/<m>`` also the epochs that were not measured.
+    These see all four measurements (a part is a difference of two of them), and
+    ``fit`` also the epochs that were not measured.
     """
-    keys = [f"fit/{metric}", f"gap/{metric}", *(f"gap/{metric}/{p}" for p in PARTS)]
-    bad = [step for key in keys for step, value in history.get(key, {}).items()
-           if not math.isfinite(value)]
+    bad = [r.step for r in records
+           if not math.isfinite(r.fit.get(metric, 0.0))
+           or (metric in r.parts and not all(map(math.isfinite,
+                                                  dataclasses.astuple(r.parts[metric]))))]
     return min(bad) if bad else None
 
 
-def diagnose(history, metric="loss", *, probe_size=None, z=Z):
-    """Diagnose the gap of ``metric`` from a run's logged history.
+def diagnose(records, metric="loss", *, probe_size=None, z=Z):
+    """Diagnose the gap of ``metric`` from a run's records.
 
     Args:
-        history: ``{key: {epoch: value}}`` as the tracker logged it (what
-            :func:`gaptrack.report.load_history` reads back): ``gap/<m>``,
-            ``gap/<m>/{drift,mode,bn_ema}``, ``fit/<m>``, ``eval_train/<m>``
-            and, for the loss, ``noise/loss``.
+        records: ``[EpochRecord]`` in step order, as the tracker keeps them (or
+            :func:`gaptrack.keys.parse_records` reads them back).
         metric: the metric diagnosed; the loss by default (see the module
             docstring).
         probe_size: ``n``, for the binomial error of an accuracy.
@@ -169,29 +153,27 @@ def diagnose(history, metric="loss", *, probe_size=None, z=Z):
         A :class:`Diagnosis`.
 
     Raises:
-        DiagnosisError: no epoch was measured (``gap/<metric>`` is missing).
+        DiagnosisError: no epoch was measured for ``metric``.
     """
-    gaps = history.get(f"gap/{metric}")
-    if not gaps:
-        measured = sorted(k[len("gap/"):] for k in history
-                          if k.startswith("gap/") and f"{k}/drift" in history)
-        raise DiagnosisError(f"no gap/{metric} in the history: nothing was measured for "
-                             f"{metric!r}; measured metrics: {', '.join(measured) or '(none)'}")
-    first = first_nonfinite_epoch(history, metric)
-    epoch = max(gaps) if first is None else first
-
-    def at(key):
-        return float(history.get(key, {}).get(epoch, math.nan))
-
-    parts = {part: at(f"gap/{metric}/{part}") for part in PARTS}
-    gap = at(f"gap/{metric}")
-    noise = standard_error(history, metric, epoch, probe_size)
+    measured = [r for r in records if metric in r.parts]
+    if not measured:
+        names = sorted({m for r in records for m in r.parts})
+        raise DiagnosisError(f"no gap of {metric!r} in the history: nothing was measured for "
+                             f"{metric!r}; measured metrics: {', '.join(names) or '(none)'}")
+    first = first_nonfinite_epoch(records, metric)
+    record = measured[-1] if first is None else next(r for r in records if r.step == first)
+    nan = math.nan
+    split = record.parts.get(metric)
+    parts = {p: nan if split is None else getattr(split, p) for p in PARTS}
+    gap = nan if split is None else split.gap
+    noise = standard_error(record, metric, probe_size)
     if first is not None:
         cause = "nonfinite"
     elif max(abs(gap), *(abs(v) for v in parts.values())) <= (0.0 if noise is None else z * noise):
         cause = "none"
     else:
         cause = max(PARTS, key=lambda part: abs(parts[part]))
-    return Diagnosis(cause=cause, metric=metric, epoch=epoch, fit=at(f"fit/{metric}"),
-                     eval_train=at(f"eval_train/{metric}"), gap=gap, parts=parts,
+    return Diagnosis(cause=cause, metric=metric, epoch=record.step,
+                     fit=float(record.fit.get(metric, nan)),
+                     eval_train=float(record.eval_train.get(metric, nan)), gap=gap, parts=parts,
                      noise=noise, z=z, probe_size=probe_size, first_nonfinite_epoch=first)

@@ -38,15 +38,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gaptrack.bn import BNStatistics, find_bn_layers, watch_inputs
-from gaptrack.probe import Probe
+from gaptrack import keras_private
+from gaptrack.bn import BNStatistics, find_bn_layers
+from gaptrack.passes import CompiledPasses
+from gaptrack.probe import Probe, check_positive_int
 
 #: Largest batch used for the inference passes.
 MAX_INFERENCE_BATCH = 1024
 #: Bytes of input per inference batch it aims for (keeps large images in memory).
 _INFERENCE_BATCH_BYTES = 64 * 2**20
-#: Most training batches run by one call of the training-mode pass (a graph
-#: loop over them; each call costs a Python round trip).
+#: Most training batches run by one call of the training-mode pass.
 MAX_TRAIN_CHUNK_BATCHES = 256
 #: Bytes of input per call of the training-mode pass it aims for.
 _TRAIN_CHUNK_BYTES = 16 * 2**20
@@ -82,23 +83,9 @@ class Measurement:
     bn: list = field(default_factory=list)
     loss_standard_error: float = None
 
-    def as_metrics(self):
-        """The SPEC keys: ``eval_train/<m>``, ``train_mode/<m>``, ``precise_bn/<m>``."""
-        out = {}
-        for prefix in ("eval_train", "train_mode", "precise_bn"):
-            for name, value in (getattr(self, prefix) or {}).items():
-                out[f"{prefix}/{name}"] = value
-        return out
-
-
-def _check_batch_size(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise MeasureError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
 
 class Measurer:
-    """Compiled measurement passes for one model, reused epoch after epoch.
+    """The four measurements of one model, epoch after epoch.
 
     Args:
         model: a compiled Keras model.
@@ -120,212 +107,44 @@ class Measurer:
                 f"model {model.name!r} is not compiled; call model.compile(optimizer, "
                 "loss, metrics) first: gaptrack measures the loss and metrics it compiles"
             )
-        if model._compile_loss is None and not model.losses:
+        if not keras_private.has_loss(model):
             raise MeasureError(
                 f"model {model.name!r} was compiled without a loss; gaptrack measures the "
                 "loss and metrics that fit() reports: compile with loss=... (and metrics=...)"
             )
         self.model = model
-        self.batch_size = _check_batch_size("batch_size", batch_size)
+        self.batch_size = check_positive_int("batch_size", batch_size, MeasureError)
         if inference_batch_size is not None:
-            inference_batch_size = _check_batch_size("inference_batch_size", inference_batch_size)
+            inference_batch_size = check_positive_int("inference_batch_size",
+                                                      inference_batch_size, MeasureError)
         self.inference_batch_size = inference_batch_size
         self.seed = seed
         self.bn_layers = find_bn_layers(model)
+        self._passes = None
         self._signature = None
 
-    # -- preparation -------------------------------------------------------------
+    def _compiled(self, probe):
+        """The compiled passes, traced again when the model's state layout changed."""
+        keras_private.ensure_built(self.model, next(probe.batches(self.batch_size)))
+        signature = (keras_private.compile_signature(self.model),
+                     tuple(bn.layer.trainable for bn in self.bn_layers))
+        if signature != self._signature:
+            self._passes = CompiledPasses(self.model, self.bn_layers, self.batch_size)
+            self._signature = signature
+        return self._passes
 
-    def _prepare(self, probe):
-        """Build the model and its compiled metrics if needed, then (re)trace."""
-        model = self.model
-        first = next(probe.batches(self.batch_size))
-        unbuilt = not model.built or (
-            model._compile_metrics is not None and not model._compile_metrics.built
-        ) or (model._compile_loss is not None and not model._compile_loss.built)
-        if unbuilt:
-            model._symbolic_build(data_batch=first)
-        signature = (
-            id(model._compile_metrics), id(model._compile_loss), id(model.optimizer),
-            len(model.non_trainable_variables), len(model.metrics_variables),
-            tuple(bn.layer.trainable for bn in self.bn_layers),
-        )
-        if signature == self._signature:
-            return
-        self._signature = signature
-        nt_index = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
-        self._seed_index = [
-            nt_index[id(sg.state)]
-            for layer in model._flatten_layers(include_self=True)
-            for sg in getattr(layer, "_seed_generators", [])
-            if id(sg.state) in nt_index
-        ]
-        self._bn_index = [
-            (nt_index[id(bn.layer.moving_mean)], nt_index[id(bn.layer.moving_variance)])
-            for bn in self.bn_layers
-        ]
-        self._has_training_arg = model._call_has_training_arg
-        self._trains = {}
-        import tensorflow as tf
-
-        self._train_fn = tf.function(self._train_chunk, reduce_retracing=True)
-        self._infer_fn = tf.function(self._infer_step, reduce_retracing=True)
-
-    def _fresh_metric_values(self):
-        from keras.src.backend import StatelessScope
-
-        variables = self.model.metrics_variables
-        with StatelessScope(state_mapping=[(v, v.value) for v in variables]) as scope:
-            self.model.reset_metrics()
-        return [scope.get_current_value(v) for v in variables]
-
-    def _seed_values(self):
+    def _seed_values(self, passes):
         rng = np.random.default_rng(self.seed)
         variables = self.model.non_trainable_variables
-        values = []
-        for i in self._seed_index:
-            v = variables[i]
-            values.append(np.asarray(rng.integers(0, 2**31 - 1, size=v.shape), dtype=v.dtype))
-        return values
-
-    # -- traced steps ------------------------------------------------------------
-
-    def _forward(self, x, y, sw, non_trainable, metric_values, training):
-        """One batch: forward pass, loss and metric update, all stateless.
-
-        Mirrors Keras' ``train_step``/``test_step`` (and JAX's stateless trainer):
-        the loss tracker is weighted by the batch size; ``compute_metrics``
-        updates the compiled metrics.
-        """
-        from keras import ops, tree
-        from keras.src.backend import StatelessScope
-
-        model = self.model
-        # As in fit() and evaluate(), the batch dimension is unknown when traced
-        # (Keras' per-output loss trackers weight batches only when it is known).
-        x, y, sw = tree.map_structure(_relax_batch_dim, (x, y, sw))
-        kwargs = {"training": training} if self._has_training_arg else {}
-        y_pred, new_non_trainable, losses = model.stateless_call(
-            model.trainable_variables, non_trainable, x, return_losses=True, **kwargs
-        )
-        if losses:
-            model._losses_override.clear()
-            model._losses_override = losses
-        try:
-            loss, (_, _, metric_values) = model.stateless_compute_loss(
-                model.trainable_variables, new_non_trainable, metric_values,
-                x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training,
-            )
-        finally:
-            if losses:
-                model._losses_override.clear()
-        mapping = list(zip(model.metrics_variables, metric_values))
-        with StatelessScope(state_mapping=mapping) as scope:
-            if model._loss_tracker is not None:
-                n = ops.shape(next(a for a in tree.flatten(x) if a is not None))[0]
-                model._loss_tracker.update_state(loss, sample_weight=n)
-            logs = model.compute_metrics(x, y, y_pred, sample_weight=sw)
-        metric_values = [scope.get_current_value(v) for v in model.metrics_variables]
-        return new_non_trainable, metric_values, logs, (x, y, y_pred, sw)
-
-    def _train_step(self, x, y, sw, metric_values, seeds, sums):
-        model = self.model
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        for i, seed in zip(self._seed_index, seeds):
-            non_trainable[i] = seed
-        with watch_inputs(self.bn_layers) as record:
-            new_nt, metric_values, _, _ = self._forward(
-                x, y, sw, non_trainable, metric_values, training=True
-            )
-        new_sums = []
-        for bn, (count, mean_sum, var_sum) in zip(self.bn_layers, sums):
-            if id(bn.layer) not in record:  # the layer is not on this forward path
-                self._trains[id(bn.layer)] = False
-                new_sums.append((count, mean_sum, var_sum))
-                continue
-            trains, mean, var, n = record[id(bn.layer)]
-            self._trains[id(bn.layer)] = trains
-            new_sums.append((count + n, mean_sum + n * mean, var_sum + n * var))
-        new_seeds = [new_nt[i] for i in self._seed_index]
-        return metric_values, new_seeds, new_sums
-
-    def _train_chunk(self, x, y, sw, metric_values, seeds, sums):
-        """:meth:`_train_step` over consecutive training batches of one chunk.
-
-        The chunk holds whole training batches (the last chunk may end with a
-        partial one); a graph loop runs them one after the other, batch by batch
-        exactly as separate calls would, so the per-batch cost of a Python call
-        is paid once per chunk. Returns the logs of the metric state at the end.
-        """
-        import tensorflow as tf
-        from keras import tree
-        from keras.src.backend import StatelessScope
-
-        model = self.model
-        b = self.batch_size
-        n = tf.shape(next(a for a in tree.flatten(x) if a is not None))[0]
-
-        def body(i, metric_values, seeds, sums):
-            batch = tree.map_structure(
-                lambda a: None if a is None else a[i * b:(i + 1) * b], (x, y, sw))
-            metric_values, seeds, sums = self._train_step(*batch, metric_values, seeds, sums)
-            return i + 1, metric_values, seeds, sums
-
-        _, metric_values, seeds, sums = tf.while_loop(
-            lambda i, *_: i * b < n, body, (tf.constant(0), metric_values, seeds, sums))
-        with StatelessScope(state_mapping=list(zip(model.metrics_variables, metric_values))):
-            logs = model.get_metrics_result()
-        return metric_values, seeds, sums, logs
-
-    def _infer_step(self, x, y, sw, eval_values, pbn_values, population, moments):
-        model = self.model
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        _, eval_values, eval_logs, batch = self._forward(
-            x, y, sw, non_trainable, eval_values, training=False
-        )
-        moments = self._loss_moments(moments, *batch)
-        if population is None:
-            return eval_values, None, eval_logs, None, moments
-        for i, (mean, var) in population.items():
-            i_mean, i_var = self._bn_index[i]
-            non_trainable[i_mean] = mean
-            non_trainable[i_var] = var
-        _, pbn_values, pbn_logs, _ = self._forward(
-            x, y, sw, non_trainable, pbn_values, training=False
-        )
-        return eval_values, pbn_values, eval_logs, pbn_logs, moments
-
-    def _loss_moments(self, moments, x, y, y_pred, sw):
-        """Running ``(n, sum l, sum l^2)`` of the per-sample compiled loss ``l``.
-
-        Only for a single output with one compiled loss (the per-sample values
-        of several weighted outputs are not defined by Keras); else ``None``.
-        """
-        from keras import ops, tree
-
-        compile_loss = self.model._compile_loss
-        flat = getattr(compile_loss, "_flat_losses", None) or []
-        if moments is None or len(flat) != 1 or tree.is_nested(y_pred) or tree.is_nested(y):
-            return None
-        loss_fn = flat[0][1]
-        if not hasattr(loss_fn, "call"):
-            return None
-        values = ops.cast(loss_fn.call(y, y_pred), "float64")
-        if len(values.shape) > 1:
-            values = ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=1)
-        if sw is not None:
-            values = values * ops.reshape(ops.cast(sw, "float64"), (-1,))
-        n, total, squares = moments
-        return (n + ops.cast(ops.shape(values)[0], "float64"), total + ops.sum(values),
-                squares + ops.sum(values * values))
-
-    # -- passes ------------------------------------------------------------------
+        return [np.asarray(rng.integers(0, 2**31 - 1, size=variables[i].shape),
+                           dtype=variables[i].dtype) for i in passes.seed_index]
 
     def _inference_batch(self, probe):
         if self.inference_batch_size:
             return self.inference_batch_size
-        compile_loss = self.model._compile_loss
-        if compile_loss is not None and compile_loss.metrics:
+        if keras_private.has_per_output_losses(self.model):
+            # Keras averages per-output losses over batches without weighting by
+            # batch size: evaluate()'s batching is needed to equal it.
             return KERAS_EVALUATE_BATCH
         per_sample = _bytes_per_sample(probe)
         return max(self.batch_size, min(MAX_INFERENCE_BATCH, _INFERENCE_BATCH_BYTES // per_sample))
@@ -342,74 +161,67 @@ class Measurer:
         """Training-mode metrics and per-layer population statistics.
 
         Returns:
-            ``(metrics, population)``: ``{name: value}`` and, per BN layer index
-            in :attr:`bn_layers`, ``(mean, variance)`` numpy arrays (``None`` for
-            a layer not called on the forward path).
+            ``(metrics, population, trains)``: ``{name: value}``; per BN layer
+            (in :attr:`bn_layers` order) ``(mean, variance)`` numpy arrays, or
+            ``None`` for a layer not called on the forward path; and per BN layer
+            whether it used batch statistics.
         """
-        self._prepare(probe)
         import tensorflow as tf
 
-        metric_values = self._fresh_metric_values()
-        seeds = [tf.constant(s) for s in self._seed_values()]
+        passes = self._compiled(probe)
+        metric_values = keras_private.fresh_metric_values(self.model)
+        seeds = [tf.constant(s) for s in self._seed_values(passes)]
         sums = []
         for bn in self.bn_layers:
             zeros = tf.zeros([int(np.prod(bn.layer.moving_mean.shape))], "float32")
             sums.append((tf.constant(0.0), zeros, zeros))
         logs = None
         for x, y, sw in probe.batches(self._train_chunk_size(probe)):
-            metric_values, seeds, sums, logs = self._train_fn(
-                x, y, sw, metric_values, seeds, sums
-            )
+            metric_values, seeds, sums, logs = passes.train_chunk(
+                x, y, sw, metric_values, seeds, sums)
         population = []
         for count, mean_sum, var_sum in sums:
             count = float(count)
             population.append(
-                (mean_sum.numpy() / count, var_sum.numpy() / count) if count else None
-            )
-        return _to_floats(logs), population
-
-    def trains(self, index):
-        """Whether BN layer ``index`` used batch statistics in the last training pass."""
-        return self._trains.get(id(self.bn_layers[index].layer), False)
+                (mean_sum.numpy() / count, var_sum.numpy() / count) if count else None)
+        trains = [passes.trains.get(id(bn.layer), False) for bn in self.bn_layers]
+        return _to_floats(logs), population, trains
 
     def inference_pass(self, probe, population=None):
-        """``(eval_train, precise_bn)`` metrics; ``precise_bn`` is ``None`` unless
-        ``population`` (``{bn index: (mean, variance)}``) is given.
+        """``(eval_train, precise_bn, loss_standard_error)``.
 
-        Also sets :attr:`loss_standard_error`: the standard error of the mean
-        per-sample loss on the probe (``None`` where per-sample losses are not
-        defined), the sampling noise of ``eval_train["loss"]``."""
-        self._prepare(probe)
+        ``precise_bn`` is ``None`` unless ``population`` (``{bn index: (mean,
+        variance)}``) is given. ``loss_standard_error`` is the standard error of
+        the mean per-sample loss on the probe (``None`` where per-sample losses
+        are not defined), the sampling noise of ``eval_train["loss"]``."""
         import tensorflow as tf
 
-        eval_values = self._fresh_metric_values()
+        passes = self._compiled(probe)
+        eval_values = keras_private.fresh_metric_values(self.model)
         pbn_values = eval_values if population else None
         if population:
             variables = self.model.non_trainable_variables
             population = {
                 i: tuple(tf.constant(s, dtype=variables[j].dtype) for s, j in zip(stats, idx))
                 for i, stats in population.items()
-                for idx in [self._bn_index[i]]
+                for idx in [passes.bn_index[i]]
             }
         else:
             population = None
         eval_logs = pbn_logs = None
         moments = tuple(tf.constant(0.0, tf.float64) for _ in range(3))
         for x, y, sw in probe.batches(self._inference_batch(probe)):
-            eval_values, pbn_values, eval_logs, pbn_logs, moments = self._infer_fn(
-                x, y, sw, eval_values, pbn_values, population, moments
-            )
-        self.loss_standard_error = _standard_error(moments)
-        return _to_floats(eval_logs), (_to_floats(pbn_logs) if population else None)
+            eval_values, pbn_values, eval_logs, pbn_logs, moments = passes.infer_step(
+                x, y, sw, eval_values, pbn_values, population, moments)
+        return (_to_floats(eval_logs), _to_floats(pbn_logs) if population else None,
+                _standard_error(moments))
 
     def measure(self, probe):
         """All four measurements of the model's current state on ``probe``."""
-        train_mode, population = self.train_mode_pass(probe)
-        recalibrate = {
-            i: stats for i, stats in enumerate(population)
-            if stats is not None and self.trains(i)
-        }
-        eval_train, precise_bn = self.inference_pass(probe, recalibrate)
+        train_mode, population, trains = self.train_mode_pass(probe)
+        recalibrate = {i: stats for i, stats in enumerate(population)
+                       if stats is not None and trains[i]}
+        eval_train, precise_bn, noise = self.inference_pass(probe, recalibrate)
         bn = []
         for i, bnl in enumerate(self.bn_layers):
             layer = bnl.layer
@@ -417,7 +229,7 @@ class Measurer:
             if mean is None:
                 mean = var = np.full(int(np.prod(layer.moving_mean.shape)), np.nan)
             bn.append(BNStatistics(
-                path=bnl.path, key=bnl.key, trains=self.trains(i),
+                path=bnl.path, key=bnl.key, trains=trains[i],
                 moving_mean=_flat(layer.moving_mean), moving_variance=_flat(layer.moving_variance),
                 mean=mean, variance=var,
                 gamma=_flat(layer.gamma) if layer.scale else None,
@@ -427,7 +239,7 @@ class Measurer:
         return Measurement(
             eval_train=eval_train, train_mode=train_mode, precise_bn=precise_bn,
             probe_size=probe.size, batch_size=self.batch_size, bn=bn,
-            loss_standard_error=self.loss_standard_error,
+            loss_standard_error=noise,
         )
 
 
@@ -444,17 +256,6 @@ def _standard_error(moments):
     mean = total / n
     variance = max(squares / n - mean * mean, 0.0) * n / (n - 1)
     return (variance / n) ** 0.5
-
-
-def _relax_batch_dim(tensor):
-    if tensor is None:
-        return None
-    import tensorflow as tf
-
-    tensor = tf.convert_to_tensor(tensor)
-    if tensor.shape.rank == 0:
-        return tensor
-    return tf.raw_ops.PlaceholderWithDefault(input=tensor, shape=[None] + tensor.shape[1:])
 
 
 def _flat(variable):

@@ -63,18 +63,15 @@ def _num_samples(structure):
     return sizes.pop()
 
 
-def _take(structure, index):
+def _rows(structure, index):
     return _tree().map_structure(lambda a: None if a is None else a[index], structure)
 
 
-def _check_size(probe_size):
-    if probe_size is None:
-        return DEFAULT_PROBE_SIZE
-    if isinstance(probe_size, bool) or not isinstance(probe_size, (int, np.integer)):
-        raise ProbeError(f"probe_size must be a positive integer, got {probe_size!r}")
-    if probe_size <= 0:
-        raise ProbeError(f"probe_size must be > 0, got {probe_size}")
-    return int(probe_size)
+def check_positive_int(name, value, error=ValueError):
+    """``value`` as an ``int`` if it is a positive integer, else ``error`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 class Probe:
@@ -114,7 +111,8 @@ class Probe:
         """
         if isinstance(data, Probe):
             return data
-        probe_size = _check_size(probe_size)
+        probe_size = (DEFAULT_PROBE_SIZE if probe_size is None
+                      else check_positive_int("probe_size", probe_size, ProbeError))
         if _is_tf_dataset(data):
             return cls._from_dataset(data, probe_size, seed)
         x, y, sw = _unpack(data)
@@ -125,7 +123,7 @@ class Probe:
         if total > probe_size:
             rng = np.random.default_rng(seed)
             index = np.sort(rng.choice(total, size=probe_size, replace=False))
-            x, y, sw = _take((x, y, sw), index)
+            x, y, sw = _rows((x, y, sw), index)
         return cls(x, y, sw, total=total)
 
     @classmethod
@@ -155,7 +153,7 @@ class Probe:
                 )
             fill = min(n, max(probe_size - seen, 0))
             if fill:
-                _assign(reservoir, np.arange(seen, seen + fill), _take(batch, slice(0, fill)))
+                _assign(reservoir, np.arange(seen, seen + fill), _rows(batch, slice(0, fill)))
             if fill < n and not unknown:
                 # Algorithm R, vectorised: sample i of the stream replaces slot
                 # j ~ U{0..i} when j < probe_size; later samples win ties, as in
@@ -164,7 +162,7 @@ class Probe:
                 slots = rng.integers(0, stream_index + 1)
                 keep = slots < probe_size
                 if keep.any():
-                    _assign(reservoir, slots[keep], _take(batch, np.arange(fill, n)[keep]))
+                    _assign(reservoir, slots[keep], _rows(batch, np.arange(fill, n)[keep]))
             seen += n
             if unknown and seen >= probe_size:
                 warnings.warn(
@@ -177,7 +175,7 @@ class Probe:
         if reservoir is None:
             raise ProbeError("the probe dataset is empty (it yielded no batch)")
         size = min(seen, probe_size)
-        x, y, sw = _take(reservoir, slice(0, size))
+        x, y, sw = _rows(reservoir, slice(0, size))
         return cls(x, y, sw, total=None if unknown else seen, dataset_batch_size=first_batch)
 
     def with_class_weight(self, class_weight):
@@ -198,9 +196,7 @@ class Probe:
         if isinstance(self.y, (dict, list, tuple)):
             raise ProbeError("class_weight applies to a model with one output (as in fit()); "
                              "these labels are of several outputs")
-        from keras.src.trainers.data_adapters.data_adapter_utils import (
-            class_weight_to_sample_weights,
-        )
+        from gaptrack.keras_private import class_weight_to_sample_weights
 
         return Probe(self.x, self.y, class_weight_to_sample_weights(self.y, class_weight),
                      total=self.total, dataset_batch_size=self.dataset_batch_size)
@@ -208,10 +204,7 @@ class Probe:
     def batches(self, batch_size):
         """Yield ``(x, y, sample_weight)`` slices of ``batch_size`` samples, in order."""
         for start in range(0, self.size, batch_size):
-            yield _take((self.x, self.y, self.sample_weight), slice(start, start + batch_size))
-
-    def num_batches(self, batch_size):
-        return -(-self.size // batch_size)
+            yield _rows((self.x, self.y, self.sample_weight), slice(start, start + batch_size))
 
 
 def _assign(target, index, source):

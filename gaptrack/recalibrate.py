@@ -30,8 +30,8 @@ def recalibrate_bn(model, data, batch_size=32, *, probe_size=None, seed=0):
 
     Returns:
         A DataFrame, one row per BN layer: ``layer``, ``trains``,
-        ``recalibrated``, and ``mean_lag``/``var_lag`` before and after (0 after
-        for the layers recalibrated).
+        ``recalibrated``, and the staleness (:mod:`gaptrack.bn`) ``mean`` and
+        ``var`` before and after (0 after for the layers recalibrated).
 
     Example:
         >>> table = gaptrack.recalibrate_bn(model, (x_train, y_train), batch_size=512)
@@ -39,13 +39,13 @@ def recalibrate_bn(model, data, batch_size=32, *, probe_size=None, seed=0):
     """
     probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
     measurer = Measurer(model, batch_size, seed=seed)
-    _, population = measurer.train_mode_pass(probe)
+    _, population, trains_list = measurer.train_mode_pass(probe)
     rows = []
     for i, bn in enumerate(measurer.bn_layers):
         layer = bn.layer
         before = after = (float("nan"), float("nan"))
         stats = population[i]
-        trains = measurer.trains(i)
+        trains = trains_list[i]
         if stats is not None:
             mean, var = stats
             before = staleness(layer.moving_mean.numpy(), layer.moving_variance.numpy(),
@@ -57,10 +57,10 @@ def recalibrate_bn(model, data, batch_size=32, *, probe_size=None, seed=0):
                               mean, var, layer.epsilon)
         rows.append({
             "layer": bn.path, "trains": trains, "recalibrated": bool(trains and stats is not None),
-            "mean_lag_before": before[0], "var_lag_before": before[1],
-            "mean_lag_after": after[0], "var_lag_after": after[1],
+            "staleness_mean_before": before[0], "staleness_var_before": before[1],
+            "staleness_mean_after": after[0], "staleness_var_after": after[1],
         })
     return pd.DataFrame(rows, columns=[
-        "layer", "trains", "recalibrated", "mean_lag_before", "var_lag_before",
-        "mean_lag_after", "var_lag_after",
+        "layer", "trains", "recalibrated", "staleness_mean_before", "staleness_var_before",
+        "staleness_mean_after", "staleness_var_after",
     ])

@@ -15,7 +15,7 @@ Each row is one channel of one BatchNormalization layer at one epoch:
 ========================  ==========================================================
 
 The size is O(channels), never O(samples). Each epoch's table is its own artifact
-``gaptrack/bn_snapshots/epoch_NNNNN.parquet``, logged with the epoch, so a run
+``gaptrack/bn_snapshots/epoch_NNNNN.parquet`` (:func:`gaptrack.keys.snapshot_path`), logged with the epoch, so a run
 that stops early keeps the epochs it finished. :func:`load_bn_snapshots` reads
 them back as one DataFrame.
 """
@@ -26,7 +26,8 @@ import tempfile
 import numpy as np
 import pandas as pd
 
-SNAPSHOT_DIR = "gaptrack/bn_snapshots"
+from gaptrack.keys import SNAPSHOT_DIR
+
 COLUMNS = ("epoch", "layer", "channel", "moving_mean", "moving_variance",
            "population_mean", "population_variance", "gamma", "beta", "trains")
 
@@ -55,10 +56,6 @@ def snapshot_frame(epoch, bn_statistics):
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def snapshot_path(epoch):
-    return f"{SNAPSHOT_DIR}/epoch_{epoch:05d}.parquet"
-
-
 def load_bn_snapshots(run_id, tracking_uri=None):
     """All BN snapshots of a run, as one DataFrame ordered by epoch.
 
@@ -80,14 +77,18 @@ def load_bn_snapshots(run_id, tracking_uri=None):
     """
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    client = MlflowClient(uri)
+    from gaptrack.tracking import TrackingURIError, open_client, redact_uri
+
+    try:
+        client, uri = open_client(tracking_uri)
+    except TrackingURIError as e:
+        raise SnapshotError(str(e)) from None
     try:
         client.get_run(run_id)
-    except MlflowException as exc:
-        raise SnapshotError(f"run {run_id!r} not found at tracking URI {uri!r}") from exc
+    except MlflowException:
+        raise SnapshotError(f"run {run_id!r} not found at tracking URI "
+                            f"{redact_uri(uri)!r}") from None
     files = [f for f in client.list_artifacts(run_id, SNAPSHOT_DIR)
              if f.path.endswith(".parquet")]
     if not files:

@@ -433,6 +433,19 @@ class RunLogger:
 
     _end_deadline = None
 
+    def wait_for_run(self, timeout):
+        """Wait at most ``timeout`` s for what is queued to reach the server;
+        ``(run_id, run_name)``, or ``None`` when the run is not there in time."""
+        if not self.flush(timeout) or self.run_id is None:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        try:
+            name = MlflowClient(self.tracking_uri).get_run(self.run_id).info.run_name
+        except Exception:  # noqa: BLE001 - the title falls back to the run id
+            name = None
+        return self.run_id, name or self.run_id
+
     def close(self):
         """End the run (if this logger created it) and wait for the server, for
         what is left of ``close_timeout`` seconds; ``True`` when all was sent.

@@ -8,7 +8,7 @@ BatchNormalization normalises each batch with that batch's own statistics, and
 step (0.01 with Keras' default 0.99) and so are stale after few steps. gaptrack
 splits this into ``gap/<m>/mode`` (batch statistics vs accurate population
 statistics, PreciseBN) and ``gap/<m>/bn_ema`` (accurate vs moving statistics);
-``bn/<layer>/mean_lag`` and ``var_lag`` say how stale they are. Lower
+``staleness/mean/<layer>`` and ``staleness/var/<layer>`` say how stale they are. Lower
 ``bn_momentum`` (e.g. 0.9) and the ``bn_ema`` part shrinks.
 
 Model: Flatten -> Dense(128) -> BatchNormalization(``bn_momentum``) -> ReLU ->

@@ -28,7 +28,7 @@ PARAMS = {
 
 
 def data(config):
-    from gaptrack.datasets import load_dataset
+    from projects.datasets import load_dataset
 
     ds = load_dataset(config["dataset"], seed=config["seed"])
     n = config["batch_size"]

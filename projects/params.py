@@ -183,10 +183,10 @@ def describe(params):
 
 def dataset(default="digits"):
     """A built-in data set name or the path of a ``.npz``/``.csv`` file
-    (see :func:`gaptrack.datasets.load_dataset`)."""
+    (see :func:`projects.datasets.load_dataset`)."""
 
     def convert(name, value):
-        from gaptrack.datasets import DATASETS  # imports scikit-learn: only when checking
+        from projects.datasets import DATASETS  # imports scikit-learn: only when checking
 
         if value in DATASETS or str(value).lower().endswith((".npz", ".csv")):
             return value

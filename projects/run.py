@@ -34,7 +34,7 @@ _EXTRA = {"ignore_unknown_options": True, "allow_extra_args": True,
           "help_option_names": ["-h", "--help"]}
 
 
-def _take(given, name, default):
+def _pop_param(given, name, default):
     """The value given for ``name`` (or ``default``), and the other pairs."""
     values = [v for n, v in given if n == name]
     if len(values) > 1:
@@ -59,7 +59,7 @@ def train(tokens):
     """One scenario as one tracked run: --scenario NAME [--param value ...]."""
     from projects.training import train as train_scenario
 
-    name, rest = _take(pairs(tokens), "scenario", "batchnorm")
+    name, rest = _pop_param(pairs(tokens), "scenario", "batchnorm")
     name = choice("batchnorm", SCENARIOS).convert("scenario", name)
     config, _ = parse(rest, scenario(name).PARAMS, f"scenario {name}")
     run_id = train_scenario(name, config)
@@ -109,10 +109,10 @@ def sweep(tokens):
     """
     from projects.sweep import parse_grid, run_grid
 
-    name, rest = _take(pairs(tokens), "scenario", "deep_mlp")
+    name, rest = _pop_param(pairs(tokens), "scenario", "deep_mlp")
     name = choice("deep_mlp", SCENARIOS).convert("scenario", name)
-    grid_text, rest = _take(rest, "grid", MAIN_GRID)
-    metric, rest = _take(rest, "metric", "loss")
+    grid_text, rest = _pop_param(rest, "grid", MAIN_GRID)
+    metric, rest = _pop_param(rest, "metric", "loss")
     params = scenario(name).PARAMS
     grid = parse_grid(grid_text, params, f"scenario {name}")
     config, given = parse(rest, params, f"scenario {name}")
@@ -149,7 +149,7 @@ def compare(tokens):
     import mlflow
 
     import gaptrack
-    from gaptrack.compare import REPORT_TAG
+    from gaptrack.keys import RANKING_TABLE, REPORT_TAG
     from projects.sweep import format_ranking
 
     experiment = config["experiment"]
@@ -165,7 +165,7 @@ def compare(tokens):
         ranking = gaptrack.rank_runs(experiment, metric=config["metric"], by=config["by"],
                                      filter_string=config["filter"], top_k=top_k)
         if under_mlflow_run:
-            mlflow.log_text(ranking.to_csv(index=False), "ranking.csv")
+            mlflow.log_text(ranking.to_csv(index=False), RANKING_TABLE)
     varying = [c.removeprefix("params.") for c in ranking.columns
                if c.startswith("params.") and ranking[c].nunique(dropna=True) > 1]
     print(f"Runs ranked by |gap_{config['by']}/{config['metric']}|:")
@@ -183,7 +183,7 @@ def _user_errors():
     scikit-learn); an error cannot come from a module that was not imported.
     """
     errors = [ParamError]
-    for module, name in (("gaptrack.datasets", "DatasetError"),
+    for module, name in (("projects.datasets", "DatasetError"),
                          ("gaptrack.compare", "CompareError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

@@ -56,7 +56,7 @@ def load(config):
     already shuffled), and of those the last ``validation_split`` fraction is
     held out for validation, as ``fit(validation_split=...)`` would.
     """
-    from gaptrack.datasets import load_dataset
+    from projects.datasets import load_dataset
 
     ds = load_dataset(config["dataset"], seed=config["seed"])
     x, y = ds.x_train, ds.y_train

@@ -23,6 +23,8 @@ os.environ["GAPTRACK_SPOOL_DIR"] = str(_SANDBOX / "spool")
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 os.environ["MPLBACKEND"] = "Agg"
+# the tracker's failures raise instead of warning (gaptrack.safety), so no bug hides
+os.environ["GAPTRACK_TESTING"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
@@ -94,6 +96,7 @@ def _forget_mlflow_state():
     while mlflow.active_run():
         mlflow.end_run()
     fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it
     mlflow.set_tracking_uri(None)
 
 

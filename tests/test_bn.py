@@ -16,6 +16,7 @@ import tensorflow as tf
 from keras import layers
 from mlflow.utils.validation import _validate_metric_name
 
+from gaptrack.keys import STALENESS_STATS, staleness_key
 from gaptrack.bn import BNStatistics, find_bn_layers, staleness, watch_inputs
 
 
@@ -156,8 +157,8 @@ def test_keys_are_valid_unique_mlflow_keys():
     keys = [bn.key for bn in found]
     assert len(set(keys)) == len(keys), keys
     for key in keys:
-        for suffix in ("mean_lag", "var_lag"):
-            _validate_metric_name(f"bn/{key}/{suffix}")
+        for stat in STALENESS_STATS:
+            _validate_metric_name(staleness_key(stat, key))
     # A name MLflow accepts and no other key collides with is kept (spaces are allowed).
     assert keys[NAMES.index("with space")] == "with space"
 
@@ -166,7 +167,7 @@ def test_validator_rejects_the_raw_names():
     # The test above would be empty if MLflow accepted these names as they are.
     for bad in ("bn#1", "x%y?z", "."):
         with pytest.raises(Exception):
-            _validate_metric_name(f"bn/{bad}/mean_lag")
+            _validate_metric_name(staleness_key("mean", bad))
 
 
 def test_nested_paths_make_valid_keys():
@@ -185,7 +186,7 @@ def test_nested_paths_make_valid_keys():
     keys = [bn.key for bn in find_bn_layers(model)]
     assert len(set(keys)) == 2
     for key in keys:
-        _validate_metric_name(f"bn/{key}/mean_lag")
+        _validate_metric_name(staleness_key("mean", key))
 
 
 # -- staleness -----------------------------------------------------------------------
@@ -238,8 +239,8 @@ def test_staleness_of_a_real_layer_is_scale_free():
             path="bn", key="bn", trains=True,
             moving_mean=bn.moving_mean.numpy(), moving_variance=bn.moving_variance.numpy(),
             mean=mean, variance=var, gamma=None, beta=None, epsilon=bn.epsilon)
-        assert stats.lag == staleness(stats.moving_mean, stats.moving_variance, mean, var, 1e-12)
-        lags.append(stats.lag)
+        assert stats.staleness == staleness(stats.moving_mean, stats.moving_variance, mean, var, 1e-12)
+        lags.append(stats.staleness)
     assert lags[0][0] > 0.05 and lags[0][1] > 0.05  # the moving statistics do lag
     np.testing.assert_allclose(lags[1], lags[0], rtol=1e-5)
 

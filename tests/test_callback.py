@@ -40,7 +40,7 @@ def spec_keys(metrics, bn_keys=(), val=False):
         if val:
             keys.append(f"val/{m}")
     for k in bn_keys:
-        keys += [f"bn/{k}/mean_lag", f"bn/{k}/var_lag"]
+        keys += [f"staleness/mean/{k}", f"staleness/var/{k}"]
     return keys
 
 

@@ -1,4 +1,4 @@
-"""Tests of gaptrack.datasets against independent computations.
+"""Tests of projects.datasets against independent computations.
 
 Built-in sets are compared with a second reading of their source (scikit-learn's
 arrays, the raw bytes of the IDX files, CIFAR's documented row layout); users'
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from gaptrack import datasets
-from gaptrack.datasets import DATASETS, Dataset, DatasetError, load_dataset
+from projects import datasets
+from projects.datasets import DATASETS, Dataset, DatasetError, load_dataset
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -101,7 +101,7 @@ def test_docstring_example_runs():
 
 
 def test_import_does_not_import_keras_or_tensorflow():
-    code = ("import sys, gaptrack.datasets; "
+    code = ("import sys, projects.datasets; "
             "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -12,7 +12,27 @@ import numpy as np
 import pytest
 
 from gaptrack import decompose as decompose_module
-from gaptrack.decompose import PARTS, decompose, gap_history, summarize
+from gaptrack.decompose import decompose as decompose_parts
+from gaptrack.decompose import summarize
+from gaptrack.keys import PARTS
+from gaptrack.record import EpochRecord, Parts
+
+
+def decompose(*sides):
+    """:func:`gaptrack.decompose.decompose` flattened to ``gap/<m>[/<part>]`` names."""
+    out = {}
+    for m, parts in decompose_parts(*sides).items():
+        out[f"gap/{m}"] = parts.gap
+        out.update((f"gap/{m}/{p}", getattr(parts, p)) for p in PARTS)
+    return out
+
+
+def records(history):
+    """EpochRecords holding ``{metric: [gap per epoch]}`` (parts: drift = gap)."""
+    steps = max((len(g) for g in history.values()), default=0)
+    return [EpochRecord(step, parts={m: Parts(g[step], g[step], 0.0, 0.0)
+                                     for m, g in history.items() if step < len(g)})
+            for step in range(steps)]
 
 METRICS = ["loss", "accuracy", "out/auc"]
 
@@ -118,13 +138,14 @@ def test_summarize_matches_numpy():
     rng = np.random.default_rng(4)
     history = {"loss": list(rng.normal(size=7)), "out/auc": list(rng.normal(size=1) * 1e-6),
                "acc": list(rng.normal(size=30) * 1e3)}
-    out = summarize(history)
-    assert set(out) == {f"gap_{s}/{m}" for s in ("final", "max_abs", "mean_abs") for m in history}
+    out = summarize(records(history))
+    assert set(out) == set(history)
     for m, gaps in history.items():
         g = np.array(gaps)
-        assert out[f"gap_final/{m}"] == g[-1]
-        assert out[f"gap_max_abs/{m}"] == np.max(np.abs(g))
-        assert out[f"gap_mean_abs/{m}"] == pytest.approx(np.mean(np.abs(g)), rel=1e-13)
+        assert set(out[m]) == {"final", "max_abs", "mean_abs"}
+        assert out[m]["final"] == g[-1]
+        assert out[m]["max_abs"] == np.max(np.abs(g))
+        assert out[m]["mean_abs"] == pytest.approx(np.mean(np.abs(g)), rel=1e-13)
 
 
 def test_summarize_skips_non_finite_gaps_but_reports_the_final_one():
@@ -132,41 +153,14 @@ def test_summarize_skips_non_finite_gaps_but_reports_the_final_one():
                "b": [-0.25, 3.0, -math.inf, math.nan],
                "c": [math.nan, math.nan],
                "empty": []}
-    out = summarize(history)
-    assert "gap_final/empty" not in out and not any(k.endswith("/empty") for k in out)
+    out = summarize(records(history))
+    assert "empty" not in out
     for m in ("a", "b"):
         g = np.array(history[m])
         finite = np.abs(g[np.isfinite(g)])
-        assert out[f"gap_max_abs/{m}"] == np.max(finite)
-        assert out[f"gap_mean_abs/{m}"] == pytest.approx(np.mean(finite), rel=1e-15)
-    assert out["gap_final/a"] == 1.0
-    assert math.isnan(out["gap_final/b"])
-    assert math.isnan(out["gap_final/c"])
-    assert math.isnan(out["gap_max_abs/c"]) and math.isnan(out["gap_mean_abs/c"])
-
-
-# -- gap_history ---------------------------------------------------------------------
-
-
-def test_gap_history_collects_each_metrics_gap_in_order():
-    # Names with '/', names ending in a part's word, and names that are a part's word.
-    names = ["loss", "out/accuracy", "loss_drift", "xmode", "drift", "out/drift", "bn_ema"]
-    rng = np.random.default_rng(5)
-    decompositions, expected = [], {m: [] for m in names}
-    for epoch in range(4):
-        present = names if epoch != 2 else [m for m in names if m != "xmode"]
-        f, e, t, p = ({m: float(v) for m, v in zip(present, rng.normal(size=len(present)))}
-                      for _ in range(4))
-        decompositions.append(decompose(f, e, t, p))
-        for m in present:
-            expected[m].append(f[m] - e[m])
-    history = gap_history(decompositions)
-    assert set(history) == set(names)
-    for m in names:
-        np.testing.assert_allclose(history[m], expected[m], rtol=1e-15, atol=0)
-    assert len(history["xmode"]) == 3
-
-
-def test_gap_history_of_nothing_is_empty():
-    assert gap_history([]) == {}
-    assert gap_history([{}, {}]) == {}
+        assert out[m]["max_abs"] == np.max(finite)
+        assert out[m]["mean_abs"] == pytest.approx(np.mean(finite), rel=1e-15)
+    assert out["a"]["final"] == 1.0
+    assert math.isnan(out["b"]["final"])
+    assert math.isnan(out["c"]["final"])
+    assert math.isnan(out["c"]["max_abs"]) and math.isnan(out["c"]["mean_abs"])

@@ -13,13 +13,19 @@ from mlflow.tracking import MlflowClient
 import gaptrack
 from builders import blobs, mlp
 from gaptrack import diagnosis as diagnosis_module
-from gaptrack.diagnosis import (PARTS, DiagnosisError, diagnose, first_nonfinite_epoch,
-                                standard_error)
-from gaptrack.report import REPORT_DIR, load_history
+from gaptrack.diagnosis import DiagnosisError, diagnose, first_nonfinite_epoch, standard_error
+from gaptrack.keys import PARTS, REPORT_DIR, diagnosis_tags, parse_records
+from gaptrack.runs import load_history
 
 
 def history(parts_by_epoch, noise=None, fit=None, eval_train=None, metric="loss"):
-    """A logged history: ``{epoch: (drift, mode, bn_ema)}`` -> the SPEC keys."""
+    """The records of a logged history: ``{epoch: (drift, mode, bn_ema)}`` -> the
+    SPEC keys -> :func:`gaptrack.keys.parse_records`."""
+    return parse_records(logged_keys(parts_by_epoch, noise, fit, eval_train, metric))
+
+
+def logged_keys(parts_by_epoch, noise=None, fit=None, eval_train=None, metric="loss"):
+    """``{key: {epoch: value}}``: ``{epoch: (drift, mode, bn_ema)}`` as the SPEC keys."""
     out = {f"gap/{metric}": {}, **{f"gap/{metric}/{p}": {} for p in PARTS}}
     for epoch, parts in parts_by_epoch.items():
         out[f"gap/{metric}"][epoch] = sum(parts)
@@ -50,7 +56,7 @@ def test_noise_rule_by_hand():
         expected = "none" if magnitudes.max() <= se else PARTS[int(np.argmax(np.abs(parts)))]
         assert (d.cause, d.epoch, d.noise, d.threshold) == (expected, 3, se, se), parts
         assert d.gap == sum(parts) and d.parts == dict(zip(PARTS, parts))
-        assert d.tags == {"gaptrack.diagnosis": expected}
+        assert diagnosis_tags(d) == {"gaptrack.diagnosis": expected}
     # parts that cancel: the gap is within noise, the parts are not
     d = diagnose(history({0: (0.0, 0.5, -0.5)}, noise={0: 0.125}))
     assert d.gap == 0.0 and d.cause == "mode"
@@ -64,14 +70,14 @@ def test_accuracy_noise_is_binomial_and_no_noise_means_exact_zero():
     logged = history({0: (0.0625, 0.0, 0.0)}, eval_train={0: p}, metric="accuracy")
     se = np.sqrt(p * (1 - p) / n)
     assert se == 0.0625  # sqrt(3/16 / 48) = 1/16: the gap sits on the boundary
-    assert standard_error(logged, "accuracy", 0, probe_size=n) == se
+    assert standard_error(logged[0], "accuracy", probe_size=n) == se
     assert diagnose(logged, "accuracy", probe_size=n).cause == "none"  # within is <=
     assert diagnose(logged, "accuracy", probe_size=n, z=0.5).cause == "drift"
     # without a probe size or for another metric there is no error bar
     assert diagnose(logged, "accuracy").noise is None
     assert diagnose(logged, "accuracy").cause == "drift"
     mae = history({0: (0.0, 0.0, 0.0)}, metric="mae")
-    assert standard_error(mae, "mae", 0, probe_size=n) is None
+    assert standard_error(mae[0], "mae", probe_size=n) is None
     assert diagnose(mae, "mae", probe_size=n).cause == "none"  # exactly 0
 
 
@@ -81,16 +87,18 @@ def test_nonfinite_first_epoch_from_fit_or_any_part():
                      fit={0: 1.0, 1: 1.0, 2: 1.0, 3: math.nan, 4: math.nan})
     d = diagnose(logged)
     assert (d.cause, d.epoch, d.first_nonfinite_epoch) == ("nonfinite", 3, 3)
-    assert d.tags == {"gaptrack.diagnosis": "nonfinite", "gaptrack.nonfinite_epoch": "3"}
+    assert diagnosis_tags(d) == {"gaptrack.diagnosis": "nonfinite",
+                                 "gaptrack.nonfinite_epoch": "3"}
     assert math.isnan(d.fit) and math.isnan(d.gap)  # epoch 3 was not measured
     # a NaN in train_mode shows in drift and mode while the gap stays finite
-    logged = history({0: (0.1, 0.0, 0.0), 1: (math.nan, math.nan, 0.0)})
-    logged["gap/loss"][1] = 0.25
+    keys = logged_keys({0: (0.1, 0.0, 0.0), 1: (math.nan, math.nan, 0.0)})
+    keys["gap/loss"][1] = 0.25
+    logged = parse_records(keys)
     assert first_nonfinite_epoch(logged) == 1 and diagnose(logged).cause == "nonfinite"
 
 
 def test_nothing_measured_is_an_error():
-    with pytest.raises(DiagnosisError, match="no gap/accuracy .* measured metrics: loss"):
+    with pytest.raises(DiagnosisError, match="no gap of 'accuracy' .* measured metrics: loss"):
         diagnose(history({0: (0.1, 0.0, 0.0)}), "accuracy")
 
 
@@ -121,14 +129,15 @@ def track(model, x, y, batch_size, epochs, **fit_kwargs):
 def check_against_hand_computation(logged, model, x, y):
     """The logged diagnosis equals the rule applied to the logged parts with a
     standard error recomputed from numpy per-sample losses."""
-    d = diagnose(logged.metrics, probe_size=logged.probe_size)
+    probe_size = int(logged.tags["gaptrack.probe_size"])
+    d = diagnose(logged.records, probe_size=probe_size)
     losses = per_sample_losses(model, x, y)
     se = losses.std(ddof=1) / np.sqrt(len(losses))
     assert d.noise == pytest.approx(se, rel=1e-4)
-    assert logged.probe_size == len(x)
-    last = max(logged.metrics["gap/loss"])
-    parts = {p: logged.metrics[f"gap/loss/{p}"][last] for p in PARTS}
-    magnitudes = [abs(logged.metrics["gap/loss"][last]), *map(abs, parts.values())]
+    assert probe_size == len(x)
+    last = logged.measured[-1].parts["loss"]
+    parts = {p: getattr(last, p) for p in PARTS}
+    magnitudes = [abs(last.gap), *map(abs, parts.values())]
     expected = "none" if max(magnitudes) <= se else max(parts, key=lambda p: abs(parts[p]))
     assert d.cause == expected
     assert logged.tags["gaptrack.diagnosis"] == expected  # what the tracker tagged
@@ -212,7 +221,7 @@ def test_diverging_run_is_nonfinite_from_its_first_nan_epoch(sqlite_uri):
     assert run.data.tags["gaptrack.nonfinite_epoch"] == str(first)
     logged = {p.step: p.value for p in client.get_metric_history(tracker.run_id, "fit/loss")}
     assert [math.isnan(logged[e]) for e in range(3)] == [math.isnan(v) for v in fit]
-    d = diagnose(load_history(tracker.run_id).metrics)
+    d = diagnose(load_history(tracker.run_id).records)
     assert (d.cause, d.first_nonfinite_epoch) == ("nonfinite", first)
     text = mlflow.artifacts.load_text(f"runs:/{tracker.run_id}/{REPORT_DIR}/report.md")
     assert f"became non-finite (NaN or inf) at epoch {first}" in text

@@ -202,7 +202,7 @@ def scenario_run(project):
 
 
 def _digits():
-    from gaptrack.datasets import load_dataset
+    from projects.datasets import load_dataset
 
     return load_dataset("digits", seed=0)
 
@@ -259,7 +259,7 @@ def test_train_logs_every_spec_key_at_every_epoch(scenario_run, name):
         assert run.data.metrics[f"gap_final/{m}"] == pytest.approx(
             history[f"gap/{m}"][max(steps)], abs=1e-7)
 
-    lags = sorted(k for k in logged if k.startswith("bn/"))
+    lags = sorted(k for k in logged if k.startswith(("staleness/mean/", "staleness/var/")))
     assert len(lags) == 2 * spec["bn_layers"], lags
     for key in lags:
         assert set(store.history(run.info.run_id, key)) == steps, key
@@ -458,7 +458,8 @@ def test_main_runs_the_seeds_grid_as_nested_runs_and_ranks_them(project):
         assert child.data.params["depth"] == "2"
         assert child.data.params["epochs"] == "1"
         assert child.info.status == "FINISHED"
-        bn_lags = [k for k in child.data.metrics if k.startswith("bn/")]
+        bn_lags = [k for k in child.data.metrics
+                   if k.startswith(("staleness/mean/", "staleness/var/"))]
         assert len(bn_lags) == (2 * 3 if child.data.params["bn"] == "1" else 0)
     assert parent.data.params["epochs"] == "1"
     assert parent.data.params["grid"] == "bn=0,1;batch_size=32,1024"

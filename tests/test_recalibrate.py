@@ -24,7 +24,7 @@ def test_recalibration_closes_the_gap_of_a_few_step_bn_model():
     gap_after = abs(after["loss"] - before.train_mode["loss"])
     assert gap_before > 0.1 and gap_after < gap_before / 5
     assert table.recalibrated.all() and len(table) == 8
-    assert (table.mean_lag_before > 0.1).all() and (table.mean_lag_after < 1e-6).all()
+    assert (table.staleness_mean_before > 0.1).all() and (table.staleness_mean_after < 1e-6).all()
     for a, b in zip(state, model.trainable_variables):
         assert a.tobytes() == b.numpy().tobytes()
     for a, b in zip(optimizer_state, model.optimizer.variables):

@@ -19,8 +19,11 @@ from mlflow.tracking import MlflowClient
 import gaptrack
 from builders import blobs, mlp
 from gaptrack.cli import main
-from gaptrack.diagnosis import PARTS
-from gaptrack.report import REPORT_DIR, ReportWarning, RunHistory, build_report
+from gaptrack.keys import PARTS, REPORT_DIR, parse_records
+from gaptrack.record import RunHistory
+from gaptrack.render import Rendering
+from gaptrack.report import build_report
+from gaptrack.safety import TrackerWarning
 
 SENTENCE = re.compile(
     r"At epoch (?P<epoch>\d+), fit\(\) reported (?P<metric>\S+) (?P<fit>\S+) and evaluate\(\) "
@@ -175,7 +178,7 @@ def test_cli_unknown_run_is_one_clear_error(sqlite_uri):
     assert result.stdout == ""
 
 
-def synthetic(parts, noise, bn=False, epochs=3):
+def synthetic(parts, noise, bn=False, epochs=3, nan_fit_at=None):
     """A RunHistory whose last epoch has ``parts``; fit 0.75, evaluate = fit - gap."""
     gap = sum(parts)
     metrics = {"fit/loss": {}, "eval_train/loss": {}, "gap/loss": {}, "noise/loss": {},
@@ -186,12 +189,14 @@ def synthetic(parts, noise, bn=False, epochs=3):
         for p, v in zip(PARTS, parts):
             metrics[f"gap/loss/{p}"][e] = v
         if bn:
-            metrics.setdefault("bn/block/bn_10/mean_lag", {})[e] = 0.5 / (e + 1)
-            metrics.setdefault("bn/block/bn_2/mean_lag", {})[e] = 0.25
-            metrics.setdefault("bn/block/bn_2/var_lag", {})[e] = 0.125
-            metrics.setdefault("bn/block/bn_10/var_lag", {})[e] = 0.0625
-    return RunHistory("r1", "synthetic", metrics, {"gaptrack.probe_size": "64",
-                                                    "gaptrack.batch_size": "16"})
+            metrics.setdefault("staleness/mean/block.bn_10", {})[e] = 0.5 / (e + 1)
+            metrics.setdefault("staleness/mean/block.bn_2", {})[e] = 0.25
+            metrics.setdefault("staleness/var/block.bn_2", {})[e] = 0.125
+            metrics.setdefault("staleness/var/block.bn_10", {})[e] = 0.0625
+    if nan_fit_at is not None:
+        metrics["fit/loss"][nan_fit_at] = math.nan
+    return RunHistory("r1", "synthetic", parse_records(metrics),
+                      {"gaptrack.probe_size": "64", "gaptrack.batch_size": "16"})
 
 
 def test_sentence_and_remedy_for_each_cause():
@@ -201,13 +206,13 @@ def test_sentence_and_remedy_for_each_cause():
         "bn_ema", "0.75", "0.5", "+0.25", "+0.1875", "75")
     assert (s["noise"], s["z"], s["n"]) == ("0.03125", "1", "64")
     assert "batch_size=16" in report.remedy and "recalibrate_bn" in report.remedy
-    assert set(report.images) == {"decomposition.png", "bn_staleness.png"}
-    assert report.history.bn_layers == ["block/bn_2", "block/bn_10"]  # natural order
+    assert set(Rendering(report).images) == {"decomposition.png", "bn_staleness.png"}
+    assert report.bn_layers == ["block.bn_2", "block.bn_10"]  # natural order
 
     report = build_report(synthetic((0.25, -0.0625, 0.0), noise=0.03125))
     assert SENTENCE.search(report.sentence)["cause"] == "drift"
     assert "eval_train/loss" in report.remedy
-    assert set(report.images) == {"decomposition.png"}  # no BN, no heatmap
+    assert set(Rendering(report).images) == {"decomposition.png"}  # no BN, no heatmap
 
     # a part larger than the gap (the others offset it), a part against the gap's sign
     s = SENTENCE.search(build_report(synthetic((0.0, 0.5, -0.75), noise=0.03125)).sentence)
@@ -221,29 +226,30 @@ def test_sentence_and_remedy_for_each_cause():
            "are within the noise of the measurement, ±0.03125" in report.sentence
     assert report.remedy.startswith("Nothing to do")
 
-    history = synthetic((0.25, 0.0, 0.0), noise=0.03125)
-    history.metrics["fit/loss"][1] = math.nan
-    report = build_report(history)
+    report = build_report(synthetic((0.25, 0.0, 0.0), noise=0.03125, nan_fit_at=1))
     assert report.diagnosis.cause == "nonfinite"
     assert report.sentence.startswith("At epoch 1, fit() reported loss nan and evaluate()")
     assert "TerminateOnNaN" in report.remedy
-    assert report.images["decomposition.png"].startswith(PNG)
+    assert Rendering(report).images["decomposition.png"].startswith(PNG)
 
 
 def test_a_failing_report_never_stops_training(sqlite_uri, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("report store exploded")
 
-    monkeypatch.setattr("gaptrack.report.build_report", broken)
+    monkeypatch.setattr("gaptrack.callback.build_report", broken)
+    monkeypatch.delenv("GAPTRACK_TESTING")  # the policy itself, as users get it
     x, y = blobs(48)
     tracker = gaptrack.GapTracker((x, y), batch_size=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = mlp().fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[tracker])
     assert len(history.history["loss"]) == 2
-    assert any(issubclass(w.category, ReportWarning) and "report store exploded" in str(w.message)
-               for w in caught)
+    failures = [str(w.message) for w in caught if issubclass(w.category, TrackerWarning)]
+    assert failures == ["gaptrack: the report failed (RuntimeError: report store exploded); "
+                        "training goes on"]
     run = MlflowClient().get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and "gap_final/loss" in run.data.metrics
     assert "gaptrack.diagnosis" not in run.data.tags
+    assert run.data.tags["gaptrack.error"] == "the report: RuntimeError: report store exploded"
     assert MlflowClient().list_artifacts(tracker.run_id, REPORT_DIR) == []

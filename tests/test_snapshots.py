@@ -66,18 +66,19 @@ def test_snapshots_equal_the_layers_own_variables(store, request):
             np.testing.assert_array_equal(rows[column].to_numpy(),
                                           variable.numpy().astype(np.float64))
         assert rows.trains.all()
-    # bn/<layer>/* metrics: the staleness of the logged snapshot, per layer key
+    # staleness/<stat>/<layer> metrics: the staleness of the logged snapshot, per layer key
     client = MlflowClient()
     metrics = client.get_run(tracker.run_id).data.metrics
-    for path, key in [("block/bn", "block/bn"), ("block:2/bn", "block:2/bn"),
+    for path, key in [("block/bn", "block.bn"), ("block:2/bn", "block:2.bn"),
                       ("head_bn", "head_bn")]:
         rows = last[last.layer == path]
         mean_lag, var_lag = staleness(rows.moving_mean, rows.moving_variance,
                                       rows.population_mean, rows.population_variance, 1e-3)
-        assert metrics[f"bn/{key}/mean_lag"] == pytest.approx(mean_lag, rel=1e-9)
-        assert metrics[f"bn/{key}/var_lag"] == pytest.approx(var_lag, rel=1e-9)
-    worst = max(metrics[f"bn/{k}/mean_lag"] for k in ("block/bn", "block:2/bn", "head_bn"))
-    assert metrics["bn_worst/mean_lag"] == worst
+        assert metrics[f"staleness/mean/{key}"] == pytest.approx(mean_lag, rel=1e-9)
+        assert metrics[f"staleness/var/{key}"] == pytest.approx(var_lag, rel=1e-9)
+    for stat in ("mean", "var"):
+        worst = max(metrics[f"staleness/{stat}/{k}"] for k in ("block.bn", "block:2.bn", "head_bn"))
+        assert metrics[f"staleness/worst/{stat}"] == worst
 
 
 def test_population_statistics_in_the_snapshot_equal_numpy(sqlite_uri):
@@ -103,7 +104,7 @@ def test_model_without_bn_has_no_snapshot_and_no_bn_metrics(sqlite_uri):
     mlp(dropout=0.2).fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[tracker])
     metrics = MlflowClient().get_run(tracker.run_id).data.metrics
     assert "gap/loss" in metrics
-    assert not [k for k in metrics if k.startswith(("bn/", "bn_worst/", "precise_bn/"))]
+    assert not [k for k in metrics if k.startswith(("staleness/", "precise_bn/"))]
     with pytest.raises(SnapshotError, match="has no BN snapshots"):
         gaptrack.load_bn_snapshots(tracker.run_id)
 

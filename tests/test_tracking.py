@@ -99,9 +99,9 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     port = free_port()
     reported = []  # the history the train-end report is built from (the tracker's own copy)
-    log_report = callback_module.log_report
-    monkeypatch.setattr(callback_module, "log_report",
-                        lambda logger, history: reported.append(history) or log_report(logger, history))
+    build_report = callback_module.build_report
+    monkeypatch.setattr(callback_module, "build_report",
+                        lambda history: reported.append(history) or build_report(history))
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:
         with pytest.warns(TrackingWarning, match="gaptrack sync"):
@@ -139,7 +139,7 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
             [local] = reported
             assert local.tags == {k: run.data.tags[k] for k in local.tags}
             assert {"gaptrack.batch_size", "gaptrack.bn_worst_layer"} <= set(local.tags)
-            assert local.metrics["fit/loss"] == {
+            assert {r.step: r.fit["loss"] for r in local.records} == {
                 p.step: p.value for p in client.get_metric_history(run_id, "fit/loss")}
         finally:
             server.stop()

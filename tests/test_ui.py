@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 import gaptrack
 from builders import blobs, mlp
-from gaptrack.report import REPORT_DIR
+from gaptrack.keys import REPORT_DIR
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -1,0 +1,141 @@
+"""The report's charts (matplotlib, no pyplot: no GUI backend, no global state).
+
+- :func:`decomposition_figure`: per measured epoch, the three parts of the gap
+  stacked (positive parts above 0, negative below) and the gap as a line, over
+  the band of noise (one standard error);
+- :func:`staleness_figure`: a heatmap, BN layers x epochs, of each layer's
+  staleness (mean and var, :mod:`gaptrack.bn`).
+
+Both read a :class:`gaptrack.record.RunHistory`; :func:`png` renders a figure.
+"""
+
+from gaptrack.diagnosis import first_nonfinite_epoch, standard_error
+from gaptrack.keys import PARTS, STALENESS_STATS
+
+_COLORS = {"drift": "#4C72B0", "mode": "#DD8452", "bn_ema": "#55A868"}
+
+
+def png(figure):
+    """The figure as PNG bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _finite(values):
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def decomposition_figure(history, probe_size=None):
+    """One panel per measured metric: the parts stacked per epoch, the gap as a
+    line, the noise (one standard error either side of 0) as a band."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    names = history.names
+    figure = Figure(figsize=(9, 3.2 * len(names)), layout="constrained")
+    for axes, m in zip(figure.subplots(len(names), 1, squeeze=False)[:, 0], names):
+        records = [r for r in history.records if m in r.parts]
+        epochs = [r.step for r in records]
+        up, down = np.zeros(len(epochs)), np.zeros(len(epochs))
+        for part in PARTS:
+            values = np.nan_to_num(_finite([getattr(r.parts[m], part) for r in records]))
+            positive, negative = np.maximum(values, 0), np.minimum(values, 0)
+            axes.bar(epochs, positive, bottom=up, width=0.6, color=_COLORS[part], label=part)
+            axes.bar(epochs, negative, bottom=down, width=0.6, color=_COLORS[part])
+            up, down = up + positive, down + negative
+        noise = [standard_error(r, m, probe_size) for r in records]
+        if any(s is not None for s in noise):
+            # a flat band across each epoch's bar: x from e - 0.5 to e + 0.5
+            band = np.repeat(_finite([np.nan if s is None else s for s in noise]), 2)
+            edges = np.ravel([(e - 0.5, e + 0.5) for e in epochs])
+            axes.fill_between(edges, -band, band, color="grey", alpha=0.25, linewidth=0,
+                              zorder=0, label="noise (±1 SE)")
+        axes.plot(epochs, _finite([r.parts[m].gap for r in records]), color="black",
+                  marker="o", label="gap = fit - evaluate")
+        first = first_nonfinite_epoch(history.records, m)
+        if first is not None:
+            axes.axvline(first, color="red", linestyle="--", label=f"{m} non-finite from here")
+        axes.axhline(0.0, color="grey", linewidth=0.8)
+        axes.use_sticky_edges = False  # stacked bars pin the limits to their ends
+        axes.margins(y=0.08)
+        axes.set_xlim(epochs[0] - 0.6, epochs[-1] + 0.6)
+        if len(epochs) <= 12:
+            axes.set_xticks(epochs)
+        else:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(f"{m}: fit - evaluate")
+        axes.set_title(f"{m}: gap between fit() and evaluate(), by cause")
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return figure
+
+
+def staleness_figure(history, layers):
+    """Heatmaps, BN ``layers`` x measured epochs, of the two staleness statistics."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    records = [r for r in history.records if r.staleness]
+    epochs = [r.step for r in records]
+    figure = Figure(figsize=(10, 1.6 + 0.28 * len(layers)), layout="constrained")
+    titles = {"mean": "mean: |moving_mean - mean| / std",
+              "var": "var: |log moving_variance - log variance|"}
+    for index, (axes, stat) in enumerate(zip(figure.subplots(1, 2, sharey=True), STALENESS_STATS)):
+        grid = _finite([[r.staleness.get(layer, (np.nan, np.nan))[index] for r in records]
+                        for layer in layers])
+        image = axes.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis",
+                            interpolation="nearest")
+        step = max(1, len(epochs) // 10)
+        axes.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]])
+        axes.set_yticks(range(len(layers)), layers, fontsize="small")
+        axes.set_xlabel("epoch")
+        axes.set_title(titles[stat], fontsize="medium")
+        figure.colorbar(image, ax=axes)
+    figure.suptitle("BN staleness: moving statistics vs the probe's population statistics")
+    return figure
+
+
+def epoch_decomposition_figure(record, names):
+    """One epoch's gap by cause, per metric (``names``): a horizontal bar per part
+    and the gap, for the MLflow UI's image chart to step through epochs."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 0.6 + 1.3 * len(names)))
+    axes_list = figure.subplots(len(names), 1, squeeze=False)[:, 0]
+    for axes, m in zip(axes_list, names):
+        parts = record.parts[m]
+        labels = ["gap", *PARTS]
+        values = _finite([parts.gap, *(getattr(parts, p) for p in PARTS)])
+        axes.barh(labels, values, color=["black", *(_COLORS[p] for p in PARTS)])
+        axes.axvline(0.0, color="grey", linewidth=0.8)
+        axes.invert_yaxis()
+        axes.set_title(f"{m}: fit - evaluate at epoch {record.step}", fontsize="medium")
+    figure.subplots_adjust(left=0.18, right=0.96, top=1 - 0.45 / figure.get_figheight(),
+                           bottom=0.25 / figure.get_figheight() + 0.05, hspace=0.6)
+    return figure
+
+
+def epoch_staleness_figure(record, layers):
+    """One epoch's staleness of every BN layer (``layers``, in order): the two
+    statistics side by side as a two-column heatmap."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    grid = _finite([record.staleness.get(layer, (np.nan, np.nan)) for layer in layers])
+    figure = Figure(figsize=(6, 1.2 + 0.22 * len(layers)))
+    axes = figure.subplots()
+    image = axes.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis",
+                        interpolation="nearest")
+    axes.set_xticks(range(len(STALENESS_STATS)), STALENESS_STATS)
+    axes.set_yticks(range(len(layers)), layers, fontsize="small")
+    axes.set_title(f"BN staleness at epoch {record.step}", fontsize="medium")
+    figure.colorbar(image, ax=axes)
+    figure.subplots_adjust(left=0.4, right=0.95)
+    return figure

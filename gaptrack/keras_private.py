@@ -1,0 +1,152 @@
+"""Every use of Keras' private API, in one module, so that a Keras upgrade breaks
+one place.
+
+gaptrack measures a model the way ``fit()`` and ``evaluate()`` do, without
+changing any of its state. Keras 3 has the public pieces (``stateless_call``,
+``stateless_compute_loss``, ``compute_metrics``) but not the glue its own
+trainers use around them: the loss tracker, the ``add_loss`` override of a
+stateless call, the per-output loss trackers, the seed generators' state, a BN
+layer's batch moments. Those are reached here and nowhere else.
+"""
+
+import numpy as np
+
+
+def compiled_loss(model):
+    """The model's compiled loss object, or ``None`` when compiled without one."""
+    return model._compile_loss
+
+
+def has_loss(model):
+    """Whether ``fit()`` reports a loss for ``model``: a compiled loss or ``model.losses``."""
+    return model._compile_loss is not None or bool(model.losses)
+
+
+def ensure_built(model, batch):
+    """Build the model and its compiled loss and metrics on ``batch`` if needed
+    (as ``fit()`` does on its first batch)."""
+    unbuilt = not model.built or (
+        model._compile_metrics is not None and not model._compile_metrics.built
+    ) or (model._compile_loss is not None and not model._compile_loss.built)
+    if unbuilt:
+        model._symbolic_build(data_batch=batch)
+
+
+def compile_signature(model):
+    """What the compiled passes depend on besides the BN layers' flags: a change
+    (recompiled, new optimizer, new variables) means they must be traced again."""
+    return (id(model._compile_metrics), id(model._compile_loss), id(model.optimizer),
+            len(model.non_trainable_variables), len(model.metrics_variables))
+
+
+def seed_indices(model):
+    """Indices, in ``model.non_trainable_variables``, of the seed generators'
+    states (Dropout's among them)."""
+    index = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+    return [index[id(sg.state)]
+            for layer in model._flatten_layers(include_self=True)
+            for sg in getattr(layer, "_seed_generators", [])
+            if id(sg.state) in index]
+
+
+def child_layers(layer):
+    """The direct sub-layers of ``layer``, in order."""
+    if hasattr(layer, "layers"):
+        return list(layer.layers)
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def fresh_metric_values(model):
+    """Values of ``model.metrics_variables`` as after ``reset_metrics()``,
+    without resetting the model's own metrics (a running ``fit()`` holds them)."""
+    from keras.src.backend import StatelessScope
+
+    variables = model.metrics_variables
+    with StatelessScope(state_mapping=[(v, v.value) for v in variables]) as scope:
+        model.reset_metrics()
+    return [scope.get_current_value(v) for v in variables]
+
+
+def stateless_forward(model, x, y, sw, non_trainable, metric_values, training):
+    """One batch: forward pass, loss and metric update, all stateless.
+
+    Mirrors Keras' ``train_step``/``test_step`` (and JAX's stateless trainer):
+    ``model.losses`` of the call are added through the trainer's override, the
+    loss tracker is weighted by the batch size, ``compute_metrics`` updates the
+    compiled metrics.
+
+    Returns:
+        ``(new non-trainable values, new metric values, logs, y_pred)``.
+    """
+    from keras import ops, tree
+    from keras.src.backend import StatelessScope
+
+    kwargs = {"training": training} if model._call_has_training_arg else {}
+    y_pred, new_non_trainable, losses = model.stateless_call(
+        model.trainable_variables, non_trainable, x, return_losses=True, **kwargs
+    )
+    if losses:
+        model._losses_override.clear()
+        model._losses_override = losses
+    try:
+        loss, (_, _, metric_values) = model.stateless_compute_loss(
+            model.trainable_variables, new_non_trainable, metric_values,
+            x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training,
+        )
+    finally:
+        if losses:
+            model._losses_override.clear()
+    mapping = list(zip(model.metrics_variables, metric_values))
+    with StatelessScope(state_mapping=mapping) as scope:
+        if model._loss_tracker is not None:
+            n = ops.shape(next(a for a in tree.flatten(x) if a is not None))[0]
+            model._loss_tracker.update_state(loss, sample_weight=n)
+        logs = model.compute_metrics(x, y, y_pred, sample_weight=sw)
+    metric_values = [scope.get_current_value(v) for v in model.metrics_variables]
+    return new_non_trainable, metric_values, logs, y_pred
+
+
+def metrics_result(model, metric_values):
+    """The logs (``{name: value}``) of the metric state ``metric_values``."""
+    from keras.src.backend import StatelessScope
+
+    with StatelessScope(state_mapping=list(zip(model.metrics_variables, metric_values))):
+        return model.get_metrics_result()
+
+
+def single_loss_function(model):
+    """The one compiled per-sample loss function of a single-output model
+    (its ``call(y_true, y_pred)`` gives per-sample values), else ``None``."""
+    flat = getattr(model._compile_loss, "_flat_losses", None) or []
+    if len(flat) != 1 or not hasattr(flat[0][1], "call"):
+        return None
+    return flat[0][1]
+
+
+def has_per_output_losses(model):
+    """Whether Keras reports per-output losses (``<output>_loss``), which it
+    averages over batches without weighting by batch size."""
+    compile_loss = model._compile_loss
+    return compile_loss is not None and bool(compile_loss.metrics)
+
+
+def batch_moments(layer, x, mask):
+    """A BN layer's per-channel mean and variance of ``x``, exactly as the layer
+    takes them in training (biased variance, masked samples left out)."""
+    return layer._moments(x, mask)
+
+
+def class_weight_to_sample_weights(y, class_weight):
+    """Per-sample weights as ``fit(class_weight=...)`` derives them."""
+    from keras.src.trainers.data_adapters.data_adapter_utils import (
+        class_weight_to_sample_weights as convert,
+    )
+
+    return np.asarray(convert(y, class_weight))
+
+
+def train_validation_split(arrays, validation_split):
+    """The training part of ``arrays`` as ``fit(validation_split=...)`` takes it."""
+    from keras.src.trainers.data_adapters.array_slicing import train_validation_split as split
+
+    return split(arrays, validation_split=validation_split)[0]

@@ -1,0 +1,137 @@
+"""The two compiled passes over the probe, as TensorFlow graphs.
+
+- The **training-mode pass** runs the probe in batches of the training batch
+  size with ``training=True`` (Dropout masks from fixed seeds, BN with batch
+  statistics), accumulating the compiled metrics and each BN layer's input
+  moments (the PreciseBN sums). It runs many training batches per call, in a
+  graph loop, batch after batch exactly as separate calls would: the Python
+  round trip of a call (a few ms with the metric, seed and BN-sum tensors going
+  in and out) used to cost more than the forward of a small batch itself.
+- The **inference step** runs one batch with ``training=False`` twice: with the
+  model's BN moving statistics (``eval_train``) and, when given, with population
+  statistics in their place (``precise_bn``); it also accumulates the moments of
+  the per-sample loss (its standard error).
+
+Nothing here changes the model: every call is ``stateless_call`` on values
+(:mod:`gaptrack.keras_private`).
+"""
+
+from gaptrack import keras_private
+from gaptrack.bn import watch_inputs
+
+
+class CompiledPasses:
+    """The traced passes for one model state layout and training batch size.
+
+    Args:
+        model: a built, compiled Keras model.
+        bn_layers: its :class:`gaptrack.bn.BNLayer` list.
+        batch_size: the training batch size.
+    """
+
+    def __init__(self, model, bn_layers, batch_size):
+        import tensorflow as tf
+
+        self.model = model
+        self.bn_layers = bn_layers
+        self.batch_size = batch_size
+        self.seed_index = keras_private.seed_indices(model)
+        position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        self.bn_index = [(position[id(bn.layer.moving_mean)], position[id(bn.layer.moving_variance)])
+                         for bn in bn_layers]
+        #: ``{id(layer): whether it used batch statistics}``, read while tracing.
+        self.trains = {}
+        self.train_chunk = tf.function(self._train_chunk, reduce_retracing=True)
+        self.infer_step = tf.function(self._infer_step, reduce_retracing=True)
+
+    def _train_step(self, x, y, sw, metric_values, seeds, sums):
+        model = self.model
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        for i, seed in zip(self.seed_index, seeds):
+            non_trainable[i] = seed
+        with watch_inputs(self.bn_layers) as record:
+            new_nt, metric_values, _, _ = keras_private.stateless_forward(
+                model, x, y, sw, non_trainable, metric_values, training=True)
+        new_sums = []
+        for bn, (count, mean_sum, var_sum) in zip(self.bn_layers, sums):
+            if id(bn.layer) not in record:  # the layer is not on this forward path
+                self.trains[id(bn.layer)] = False
+                new_sums.append((count, mean_sum, var_sum))
+                continue
+            trains, mean, var, n = record[id(bn.layer)]
+            self.trains[id(bn.layer)] = trains
+            new_sums.append((count + n, mean_sum + n * mean, var_sum + n * var))
+        return metric_values, [new_nt[i] for i in self.seed_index], new_sums
+
+    def _train_chunk(self, x, y, sw, metric_values, seeds, sums):
+        """:meth:`_train_step` over the consecutive training batches of one chunk
+        (whole batches; the last chunk may end with a partial one). Returns the
+        logs of the metric state at the end."""
+        import tensorflow as tf
+        from keras import tree
+
+        b = self.batch_size
+        n = tf.shape(next(a for a in tree.flatten(x) if a is not None))[0]
+
+        def body(i, metric_values, seeds, sums):
+            batch = tree.map_structure(
+                lambda a: None if a is None else a[i * b:(i + 1) * b], (x, y, sw))
+            # As in fit(), the batch dimension is unknown when traced (Keras'
+            # per-output loss trackers weight batches only when it is known).
+            batch = tree.map_structure(_relax_batch_dim, batch)
+            metric_values, seeds, sums = self._train_step(*batch, metric_values, seeds, sums)
+            return i + 1, metric_values, seeds, sums
+
+        _, metric_values, seeds, sums = tf.while_loop(
+            lambda i, *_: i * b < n, body, (tf.constant(0), metric_values, seeds, sums))
+        return metric_values, seeds, sums, keras_private.metrics_result(self.model, metric_values)
+
+    def _infer_step(self, x, y, sw, eval_values, pbn_values, population, moments):
+        from keras import tree
+
+        model = self.model
+        x, y, sw = tree.map_structure(_relax_batch_dim, (x, y, sw))
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        _, eval_values, eval_logs, y_pred = keras_private.stateless_forward(
+            model, x, y, sw, non_trainable, eval_values, training=False)
+        moments = self._loss_moments(moments, y, y_pred, sw)
+        if population is None:
+            return eval_values, None, eval_logs, None, moments
+        for i, (mean, var) in population.items():
+            i_mean, i_var = self.bn_index[i]
+            non_trainable[i_mean] = mean
+            non_trainable[i_var] = var
+        _, pbn_values, pbn_logs, _ = keras_private.stateless_forward(
+            model, x, y, sw, non_trainable, pbn_values, training=False)
+        return eval_values, pbn_values, eval_logs, pbn_logs, moments
+
+    def _loss_moments(self, moments, y, y_pred, sw):
+        """Running ``(n, sum l, sum l^2)`` of the per-sample compiled loss ``l``.
+
+        Only for a single output with one compiled loss (the per-sample values
+        of several weighted outputs are not defined by Keras); else ``None``.
+        """
+        from keras import ops, tree
+
+        loss_fn = keras_private.single_loss_function(self.model)
+        if moments is None or loss_fn is None or tree.is_nested(y_pred) or tree.is_nested(y):
+            return None
+        values = ops.cast(loss_fn.call(y, y_pred), "float64")
+        if len(values.shape) > 1:
+            values = ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=1)
+        if sw is not None:
+            values = values * ops.reshape(ops.cast(sw, "float64"), (-1,))
+        n, total, squares = moments
+        return (n + ops.cast(ops.shape(values)[0], "float64"), total + ops.sum(values),
+                squares + ops.sum(values * values))
+
+
+def _relax_batch_dim(tensor):
+    if tensor is None:
+        return None
+    import tensorflow as tf
+
+    tensor = tf.convert_to_tensor(tensor)
+    if tensor.shape.rank == 0:
+        return tensor
+    return tf.raw_ops.PlaceholderWithDefault(input=tensor, shape=[None] + tensor.shape[1:])

@@ -1,0 +1,43 @@
+"""Keras' private API is reached from one module only, and what it reaches
+behaves as the measurement relies on."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from builders import blobs, mlp
+from gaptrack import keras_private
+
+PACKAGE = Path(keras_private.__file__).parent
+
+
+def test_no_other_module_touches_keras_private_api():
+    private = re.compile(r"keras\.src|\._(compile_loss|compile_metrics|symbolic_build|losses_override"
+                         r"|loss_tracker|flatten_layers|seed_generators|moments|call_has_training_arg)")
+    offenders = [f"{path.name}:{n}" for path in sorted(PACKAGE.glob("*.py"))
+                 if path.name != "keras_private.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert offenders == []
+
+
+def test_fresh_metric_values_leave_the_running_metrics_alone():
+    x, y = blobs(32)
+    model = mlp()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    before = [np.array(v.numpy(), copy=True) for v in model.metrics_variables]
+    fresh = keras_private.fresh_metric_values(model)
+    assert any(b.any() for b in before)  # fit left counts in the metrics
+    assert all(not np.asarray(f).any() for f in fresh)  # as after reset_metrics()
+    after = [v.numpy() for v in model.metrics_variables]
+    assert all((a == b).all() for a, b in zip(before, after))
+
+
+def test_class_weights_and_validation_split_as_fit_takes_them():
+    y = np.array([0, 1, 2, 1])
+    np.testing.assert_array_equal(
+        keras_private.class_weight_to_sample_weights(y, {0: 2.0, 1: 0.5}), [2.0, 0.5, 1.0, 0.5])
+    x = np.arange(10)
+    (train_x, train_y) = keras_private.train_validation_split((x, x * 2), 0.2)
+    np.testing.assert_array_equal(train_x, x[:8])  # Keras keeps the first 80%
+    np.testing.assert_array_equal(train_y, x[:8] * 2)
