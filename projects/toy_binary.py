@@ -88,4 +88,4 @@ def fit(model, data, config, track):
                 print(f"iteration {step}: train_on_batch accuracy "
                       f"{logs['binary_accuracy']:.3f} (before the update, 32 points), "
                       f"after {logs['binary_accuracy_after']:.3f}, evaluate on all "
-                      f"{len(data.x)}: {logged['eval_train/binary_accuracy']:.3f}", flush=True)
+                      f"{len(data.x)}: {logged.eval_train['binary_accuracy']:.3f}", flush=True)
