@@ -1,14 +1,19 @@
 """The MLflow UI, in a real browser: a tracked run's page shows the gap/ and
 eval_train/ metrics with their logged values, and the report artifact renders
-in the artifact browser with its diagnosis, sentence and charts.
+in the artifact browser with its diagnosis, sentence and charts; a grid that the
+project's ``sweep`` ran opens, at the address the entry points print, on its
+runs by name, and MLflow's comparison of two of them shows ``gap_final/loss``.
 
 Headless Debian Chromium driven by Selenium through Debian's chromedriver; no
 browser is downloaded, the profile lives in the test's tmp_path, and the only
 address it opens is the session's ``mlflow server`` on 127.0.0.1. Screenshots
-(``run_page.png``, ``report.png``) are saved in tmp_path.
+(``run_page.png``, ``report.png``, ``experiment.png``, ``compare.png``) are
+saved in tmp_path.
 """
 
+import json
 import os
+import urllib.parse
 
 import keras
 import mlflow
@@ -101,3 +106,80 @@ def test_run_page_shows_gap_metrics_and_the_report(server_uri, browser, tmp_path
             "return arguments[0].complete && arguments[0].naturalWidth", image) >= 600
     browser.switch_to.default_content()
     browser.save_screenshot(str(tmp_path / "report.png"))
+
+
+def _cell(browser, text):
+    """The first displayed element whose own text is exactly ``text``."""
+    from selenium.webdriver.common.by import By
+
+    found = [e for e in browser.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']")
+             if e.is_displayed()]
+    return found[0] if found else None
+
+
+#: The values shown beside a key in a section of MLflow's run comparison (its
+#: key column and value columns are separate virtualized grids whose rows
+#: share a ``top``): every grid of the section is scrolled to the key's row.
+_COMPARED_VALUES = """
+const cell = arguments[0].closest('.ReactVirtualized__Grid__innerScrollContainer > *');
+const section = cell.closest('.du-bois-light-collapse-content-box');
+const grids = [...section.querySelectorAll('.ReactVirtualized__Grid')];
+grids.forEach(g => { g.scrollTop = parseFloat(cell.style.top); });
+section.scrollIntoView({block: 'center'});
+return [...section.querySelectorAll('.ReactVirtualized__Grid__innerScrollContainer > *')]
+    .filter(c => c !== cell && c.style.top === cell.style.top && c.textContent.trim())
+    .map(c => c.textContent.trim());
+"""
+
+
+def test_a_sweep_opens_on_its_runs_and_mlflow_compares_their_gap(server_uri, browser,
+                                                                 tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from projects import scenario
+    from projects.experiment import KIND_TAG, declare_kind, runs_url
+    from projects.params import pairs, parse
+    from projects.sweep import parse_grid, run_grid
+
+    experiment_id = mlflow.set_experiment("ui-sweep").experiment_id
+    params = scenario("dropout").PARAMS
+    config, _ = parse(pairs(["--epochs", "1", "--samples", "60"]), params, "dropout")
+    parent_id, _ = run_grid("sweep", "dropout", config, parse_grid("dropout=0.2,0.6", params,
+                                                                   "dropout"), "loss", {})
+    assert declare_kind(experiment_id) == MlflowClient().get_experiment(
+        experiment_id).tags[KIND_TAG] == "custom_model_development"
+    children = {r.info.run_name: r for r in MlflowClient().search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}
+    assert sorted(children) == ["dropout dropout=0.2", "dropout dropout=0.6"]
+
+    # the address the entry points print opens on the runs table, the parent by name
+    browser.get(runs_url(experiment_id, server_uri))
+    WebDriverWait(browser, WAIT).until(lambda d: _cell(d, "sweep: dropout dropout"))
+    assert "Token Usage" not in browser.find_element(By.TAG_NAME, "body").text
+    browser.find_element(  # unfold the parent: its children, by name
+        By.XPATH, "//button[contains(@data-component-id, 'runnamecellrenderer')]").click()
+    WebDriverWait(browser, WAIT).until(lambda d: all(_cell(d, name) for name in children))
+    browser.save_screenshot(str(tmp_path / "experiment.png"))
+
+    # select the two children, then Compare
+    for name in children:
+        row = _cell(browser, name).find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
+        index = row.get_attribute("row-index")
+        browser.find_element(By.XPATH, f"//*[@role='row' and @row-index='{index}']"
+                                       "//input[@type='checkbox']").click()
+    next(b for b in browser.find_elements(By.TAG_NAME, "button")
+         if b.text.strip() == "Compare").click()
+    WebDriverWait(browser, WAIT).until(
+        lambda d: d.find_elements(By.XPATH, "//a[normalize-space(text())='gap_final/loss']"))
+    key = browser.find_element(By.XPATH, "//a[normalize-space(text())='gap_final/loss']")
+    shown = browser.execute_script(_COMPARED_VALUES, key)
+    WebDriverWait(browser, WAIT).until(lambda d: key.is_displayed())
+    browser.save_screenshot(str(tmp_path / "compare.png"))
+    compared = json.loads(urllib.parse.unquote(
+        browser.current_url.split("runs=")[1].split("&")[0]))  # run ids, in column order
+    by_id = {r.info.run_id: r for r in children.values()}
+    assert sorted(compared) == sorted(by_id)
+    # the value columns, in the compared runs' order, rounded to 3 decimals
+    assert [float(v) for v in shown] == pytest.approx(
+        [by_id[i].data.metrics["gap_final/loss"] for i in compared], abs=5e-4)
