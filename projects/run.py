@@ -22,6 +22,11 @@ import click
 from projects import SCENARIOS, scenario
 from projects.params import ParamError, choice, count_or_all, describe, pairs, parse, text
 
+# TensorFlow's C++ code logs lines at start-up (oneDNN, CPU features) that are
+# not the job's; level 2 keeps its errors. Nothing imported above imports
+# TensorFlow; the commands import it later. A value the user set is kept.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 #: The seeds' grid that ``main`` runs: deep_mlp with and without BN, at batch
 #: sizes 32 and 1024.
 MAIN_SCENARIO = "deep_mlp"
@@ -57,6 +62,7 @@ def cli():
 @click.argument("tokens", nargs=-1, type=click.UNPROCESSED)
 def train(tokens):
     """One scenario as one tracked run: --scenario NAME [--param value ...]."""
+    from projects.experiment import where
     from projects.training import train as train_scenario
 
     name, rest = _pop_param(pairs(tokens), "scenario", "batchnorm")
@@ -64,6 +70,7 @@ def train(tokens):
     config, _ = parse(rest, scenario(name).PARAMS, f"scenario {name}")
     run_id = train_scenario(name, config)
     print(f"run {run_id}: scenario {name} tracked")
+    print(where(run_id))
 
 
 def _main_params():
@@ -88,13 +95,16 @@ def main(tokens):
     Parameters: deep_mlp's (see `train --help`) except bn and batch_size, with
     epochs=20, and --metric (the compiled metric ranked by; default loss).
     """
+    from projects.experiment import where
     from projects.sweep import run_grid
 
     params, grid = _main_params()
     config, _ = parse(pairs(tokens), params, "main")
     metric = config.pop("metric")
-    run_grid(MAIN_SCENARIO, config, grid, metric,
-             {"scenario": MAIN_SCENARIO, "grid": MAIN_GRID, "metric": metric, **config})
+    parent_id, _ = run_grid("main", MAIN_SCENARIO, config, grid, metric,
+                            {"scenario": MAIN_SCENARIO, "grid": MAIN_GRID, "metric": metric,
+                             **config})
+    print(where(parent_id))
 
 
 @cli.command(context_settings=_EXTRA)
@@ -107,6 +117,7 @@ def sweep(tokens):
     Parameters not in the grid are the same for every run (the scenario's
     defaults unless given). --metric: the compiled metric ranked by (default loss).
     """
+    from projects.experiment import where
     from projects.sweep import parse_grid, run_grid
 
     name, rest = _pop_param(pairs(tokens), "scenario", "deep_mlp")
@@ -120,9 +131,10 @@ def sweep(tokens):
     if both:
         raise ParamError(f"{', '.join(both)} is given both as a parameter and in the grid; "
                          "give it in one place")
-    run_grid(name, config, grid, metric,
-             {"scenario": name, "grid": grid_text, "metric": metric,
-              **{k: config[k] for k in given}})
+    parent_id, _ = run_grid("sweep", name, config, grid, metric,
+                            {"scenario": name, "grid": grid_text, "metric": metric,
+                             **{k: config[k] for k in given}})
+    print(where(parent_id))
 
 
 @cli.command(context_settings=_EXTRA)

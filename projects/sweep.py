@@ -5,13 +5,20 @@ is one child run of the active (parent) run, with the other parameters fixed.
 When all have run, :func:`gaptrack.rank_runs` ranks the children (filter
 ``tags.mlflow.parentRunId = '<parent>'``) by ``|gap_final/<metric>|``, the gap
 between ``fit()`` and ``evaluate()`` at the last epoch; the ranking is printed
-and logged to the parent as ``ranking.csv``.
+and logged to the parent twice: ``ranking.csv``, and ``ranking.json`` by
+``mlflow.log_table``, which the UI's artifact view shows as a table.
+
+The parent run is named by what it holds, ``<entry point>: <scenario> <grid
+names joined by ×>`` (``main: deep_mlp bn × batch_size``); under ``mlflow run``
+it is the run ``mlflow run`` created, renamed.
 """
 
 import itertools
 
 from projects.params import ParamError
 
+#: The ranking as a table artifact, beside ``ranking.csv``.
+RANKING_TABLE = "ranking.json"
 #: The ranking's columns printed, before the grid's parameters.
 COLUMNS = ("rank", "run_name", "fit", "eval_train", "gap_final", "drift", "mode", "bn_ema",
            "diagnosis")
@@ -39,11 +46,12 @@ def parse_grid(text, params, what):
     return grid
 
 
-def run_grid(scenario, fixed, grid, metric, parent_params):
+def run_grid(entry_point, scenario, fixed, grid, metric, parent_params):
     """Train every grid point as a child run of one parent run, then print
     the children ranked by gap.
 
     Args:
+        entry_point: ``main`` or ``sweep``, for the parent run's name.
         scenario: the scenario's name.
         fixed: ``{param: value}``, every parameter of the scenario; the grid's
             values replace theirs.
@@ -58,11 +66,14 @@ def run_grid(scenario, fixed, grid, metric, parent_params):
     import mlflow
 
     import gaptrack
+    from projects.experiment import declare_kind
     from projects.training import log_new_params, train
 
     names = [name for name, _ in grid]
     points = list(itertools.product(*(values for _, values in grid)))
-    with mlflow.start_run() as parent:
+    # under `mlflow run`, start_run resumes its run and gives it this name
+    with mlflow.start_run(run_name=f"{entry_point}: {scenario} {' × '.join(names)}") as parent:
+        declare_kind(parent.info.experiment_id)
         log_new_params(parent_params)
         for i, values in enumerate(points, 1):
             point = dict(zip(names, values))
@@ -73,6 +84,7 @@ def run_grid(scenario, fixed, grid, metric, parent_params):
         ranking = gaptrack.rank_runs(parent.info.experiment_id, metric=metric,
                                      filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
         mlflow.log_text(ranking.to_csv(index=False), "ranking.csv")
+        mlflow.log_table(ranking, RANKING_TABLE)
     print(f"\nRuns of parent run {parent_id}, ranked by |gap_final/{metric}|: fit() minus "
           f"evaluate() on the training data at the last epoch, and its parts:")
     print(format_ranking(ranking, names))

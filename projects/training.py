@@ -97,10 +97,13 @@ def train(name, config, *, nested=False, run_name=None):
     import mlflow
 
     from projects import scenario
+    from projects.experiment import declare_kind
 
     module = scenario(name)
     data = getattr(module, "data", load)(config)
     with mlflow.start_run(nested=nested, run_name=run_name) as run:
+        if not nested:  # a grid's parent has declared it
+            declare_kind(run.info.experiment_id)
         log_new_params({"scenario": name, **config, "dataset_size": data.size,
                         "train_samples": len(data.x),
                         "validation_samples": 0 if data.validation is None

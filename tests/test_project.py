@@ -55,15 +55,17 @@ class Store:
     the test experiment), and the sandboxed environment its subprocesses run in.
 
     Each ``mlflow run`` gets its own store, so that runs can go in parallel
-    without two processes writing to one SQLite file.
+    without two processes writing to one SQLite file. ``as_a_user``: run as
+    the README's ``mlflow run .`` does, with no experiment given (the runs go
+    to MLflow's ``Default``, id 0) and ``TF_CPP_MIN_LOG_LEVEL`` not set.
     """
 
-    def __init__(self, path, experiment_id, home):
+    def __init__(self, path, experiment_id, home, as_a_user=False):
         from mlflow.tracking import MlflowClient
 
         self.uri = f"sqlite:///{path}"
         self.client = MlflowClient(self.uri)
-        self.experiment_id = experiment_id
+        self.experiment_id = "0" if as_a_user else experiment_id
         self.env = {
             **os.environ,  # conftest's sandbox: KERAS_HOME, XDG_*, MPLCONFIGDIR
             "HOME": str(home),
@@ -74,11 +76,15 @@ class Store:
             # `python` and `mlflow` in the entry points' commands: this interpreter's
             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
         }
+        self.experiment_args = ["--experiment-id", experiment_id]
+        if as_a_user:
+            del self.env["MLFLOW_EXPERIMENT_ID"], self.env["TF_CPP_MIN_LOG_LEVEL"]
+            self.experiment_args = []
 
     def mlflow_run(self, entry_point, params=None, **more):
         """``mlflow run . --env-manager local -e <entry point> -P k=v ...``."""
         command = [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
-                   "-e", entry_point, "--experiment-id", self.experiment_id]
+                   "-e", entry_point, *self.experiment_args]
         for key, value in {**(params or {}), **more}.items():
             command += ["-P", f"{key}={value}"]
         return subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True,
@@ -114,6 +120,10 @@ LAUNCHES = {
                     "softmax_only")},
     "bad_epochs": ("train", {"scenario": "dense_l2", "epochs": "two"}),
 }
+#: The launch run as a user would (see ``Store``).
+AS_A_USER = "softmax_only"
+#: Experiment kinds the test experiment has before a launch: another kind is kept.
+KIND_BEFORE = {"sweep": "genai_development"}
 #: Parallel subprocesses: two cores, and each process also spends time waiting
 #: (starting Python, the SQLite store).
 WORKERS = 3
@@ -152,6 +162,8 @@ def project(request, tmp_path_factory, _empty_sqlite_store):
 
     from mlflow.tracking import MlflowClient
 
+    from projects.experiment import KIND_TAG
+
     root = tmp_path_factory.mktemp("project")
     home = root / "home"
     home.mkdir()
@@ -162,7 +174,10 @@ def project(request, tmp_path_factory, _empty_sqlite_store):
 
     def store(key):
         shutil.copy(template, root / f"{key}.db")
-        return Store(root / f"{key}.db", experiment_id, home)
+        made = Store(root / f"{key}.db", experiment_id, home, as_a_user=key == AS_A_USER)
+        if key in KIND_BEFORE:
+            made.client.set_experiment_tag(experiment_id, KIND_TAG, KIND_BEFORE[key])
+        return made
 
     stores = {key: store(key) for key in [*LAUNCHES, "cli"]}
     pool = ThreadPoolExecutor(max_workers=WORKERS)
@@ -454,6 +469,89 @@ def test_compare_ranks_the_experiment_and_is_itself_a_report(project):
     _check_printed_ranking(proc, top[:3], "loss")
     assert top[3].info.run_name not in proc.stdout
     assert "note: 1 runs were not tracked by gaptrack" in proc.stderr
+
+
+# -- in the MLflow UI: the parent's name, the experiment's kind, the ranking as a table --
+
+
+@reads("main")
+def test_main_names_its_parent_declares_the_experiment_and_logs_the_ranking_table(project,
+                                                                                  tmp_path):
+    import json
+
+    import pandas as pd
+
+    from projects.experiment import CUSTOM_MODEL_DEVELOPMENT, KIND_TAG
+    from projects.sweep import RANKING_TABLE
+
+    store, proc = project["main"]
+    parent = store.run_of(proc)
+    parent_id = parent.info.run_id
+    assert parent.info.run_name == "main: deep_mlp bn × batch_size"
+    assert parent.data.tags["mlflow.runName"] == parent.info.run_name
+    # the test experiment had no kind: now it is a model-training one
+    experiment = store.client.get_experiment(store.experiment_id)
+    assert experiment.tags[KIND_TAG] == CUSTOM_MODEL_DEVELOPMENT
+    assert proc.stdout.endswith(
+        f"then open http://127.0.0.1:5000/#/experiments/{store.experiment_id}/runs"
+        "?workflowType=machine_learning\n")
+
+    # the table artifact is the ranking.csv frame, registered as a table for the UI
+    table = json.loads(Path(store.client.download_artifacts(
+        parent_id, RANKING_TABLE, str(tmp_path))).read_text())
+    csv = pd.read_csv(store.client.download_artifacts(parent_id, "ranking.csv", str(tmp_path)),
+                      dtype={c: str for c in table["columns"] if c.startswith("params.")})
+    shown = pd.DataFrame(table["data"], columns=table["columns"])
+    pd.testing.assert_frame_equal(shown, csv, check_dtype=False)
+    assert json.loads(parent.data.tags["mlflow.loggedArtifacts"]) == \
+        [{"path": RANKING_TABLE, "type": "table"}]
+    children = sorted(_children(store, parent_id),
+                      key=lambda r: -abs(r.data.metrics["gap_final/loss"]))
+    assert list(shown["run_name"]) == [c.info.run_name for c in children]
+    # pandas' JSON keeps 10 decimals
+    assert list(shown["gap_final"]) == pytest.approx(
+        [c.data.metrics["gap_final/loss"] for c in children], abs=1e-10)
+    assert list(shown["rank"]) == [1, 2, 3, 4]
+
+
+@reads("sweep")
+def test_sweep_names_its_parent_and_keeps_the_experiments_kind(project):
+    from projects.experiment import KIND_TAG
+
+    store, proc = project["sweep"]
+    parent = store.run_of(proc)
+    assert parent.info.run_name == "sweep: dropout dropout × batch_size"
+    assert store.client.get_experiment(store.experiment_id).tags[KIND_TAG] == \
+        KIND_BEFORE["sweep"]
+
+
+@reads(AS_A_USER)
+def test_without_an_experiment_the_run_goes_to_default_declared_and_quiet(scenario_run):
+    """As the README's command runs: into Default, which gets the kind, and
+    without TensorFlow's CPU-feature lines (TF_CPP_MIN_LOG_LEVEL=2). Its oneDNN
+    line stays: TensorFlow 2.21 prints it before its logging reads the level."""
+    from projects.experiment import CUSTOM_MODEL_DEVELOPMENT, KIND_TAG
+
+    store, proc, run = scenario_run(AS_A_USER)
+    assert run.info.experiment_id == "0"
+    assert store.client.get_experiment("0").tags[KIND_TAG] == CUSTOM_MODEL_DEVELOPMENT
+    assert "The runs are in experiment 'Default' (id 0) of " + store.uri in proc.stdout
+    assert f"See them: mlflow ui --backend-store-uri {store.uri}, then open " \
+        "http://127.0.0.1:5000/#/experiments/0/runs?workflowType=machine_learning" in proc.stdout
+    assert "cpu_feature_guard" not in proc.stderr
+    assert "This TensorFlow binary is optimized" not in proc.stderr
+
+
+@pytest.mark.parametrize("given, kept", [(None, "2"), ("0", "0")])
+def test_the_entry_points_quiet_tensorflow_unless_told_otherwise(given, kept):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if given is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = given
+    code = ("import os, sys, projects.run; "
+            "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], 'tensorflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert proc.stdout.split() == [kept, "False"], proc.stderr
 
 
 # -- bad parameters ---------------------------------------------------------------

@@ -1,14 +1,20 @@
 """The MLflow UI, in a real browser: a tracked run's page shows the gap/ and
 eval_train/ metrics with their logged values, and the report artifact renders
-in the artifact browser with its diagnosis, sentence and charts.
+in the artifact browser with its diagnosis, sentence and charts; a grid that the
+project's ``sweep`` ran opens, at the address the entry points print, on its
+runs by name, MLflow's comparison of two of them shows ``gap_final/loss``, and
+the parent's ranking artifact shows as a table.
 
 Headless Debian Chromium driven by Selenium through Debian's chromedriver; no
 browser is downloaded, the profile lives in the test's tmp_path, and the only
 address it opens is the session's ``mlflow server`` on 127.0.0.1. Screenshots
-(``run_page.png``, ``report.png``) are saved in tmp_path.
+(``run_page.png``, ``report.png``, ``experiment.png``, ``compare.png``,
+``ranking_table.png``) are saved in tmp_path.
 """
 
+import json
 import os
+import urllib.parse
 
 import keras
 import mlflow
@@ -46,6 +52,15 @@ def browser(tmp_path, monkeypatch):
         driver.quit()
 
 
+def _cell(browser, text):
+    """The first displayed element whose own text is exactly ``text``."""
+    from selenium.webdriver.common.by import By
+
+    found = [e for e in browser.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']")
+             if e.is_displayed()]
+    return found[0] if found else None
+
+
 def test_run_page_shows_gap_metrics_and_the_report(server_uri, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -57,32 +72,27 @@ def test_run_page_shows_gap_metrics_and_the_report(server_uri, browser, tmp_path
     run = MlflowClient().get_run(tracker.run_id)
     run_url = f"{server_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
-    def cell(text):
-        """The first displayed element whose own text is exactly ``text``."""
-        xpath = f"//*[normalize-space(text())='{text}']"
-        found = [e for e in browser.find_elements(By.XPATH, xpath) if e.is_displayed()]
-        return found[0] if found else None
-
     # the run's overview lists the metrics with the values logged
     browser.get(run_url)
     keys = ["gap/loss", "gap/loss/drift", "gap/loss/mode", "gap/loss/bn_ema", "eval_train/loss",
             "eval_train/accuracy"]
-    WebDriverWait(browser, WAIT).until(lambda d: all(cell(k) for k in keys))
+    WebDriverWait(browser, WAIT).until(lambda d: all(_cell(d, k) for k in keys))
     for key in keys:
-        row = cell(key).find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
+        row = _cell(browser, key).find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
         shown_key, shown_value = row.text.split()
         assert shown_key == key and float(shown_value) == run.data.metrics[key]
     cause = run.data.tags["gaptrack.diagnosis"]
-    tag = cell("gaptrack.diagnosis").find_element(By.XPATH, "..")
+    tag = _cell(browser, "gaptrack.diagnosis").find_element(By.XPATH, "..")
     assert tag.is_displayed() and tag.text.replace("\n", "").endswith(f": {cause}")
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell("gap/loss"))
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})",
+                           _cell(browser, "gap/loss"))
     browser.save_screenshot(str(tmp_path / "run_page.png"))
 
     # the artifact browser lists the report and renders the HTML page
     browser.get(f"{run_url}/artifacts/{REPORT_DIR}/report.html")
     WebDriverWait(browser, WAIT).until(
-        lambda d: all(cell(name) for name in ("report.html", "report.md", "decomposition.png",
-                                              "bn_staleness.png"))
+        lambda d: all(_cell(d, name) for name in ("report.html", "report.md", "decomposition.png",
+                                                  "bn_staleness.png"))
         and d.find_elements(By.TAG_NAME, "iframe"))
     frame = browser.find_element(By.TAG_NAME, "iframe")
     assert frame.is_displayed() and frame.size["height"] > 300
@@ -101,3 +111,88 @@ def test_run_page_shows_gap_metrics_and_the_report(server_uri, browser, tmp_path
             "return arguments[0].complete && arguments[0].naturalWidth", image) >= 600
     browser.switch_to.default_content()
     browser.save_screenshot(str(tmp_path / "report.png"))
+
+
+#: The texts shown beside a key in a section (Metrics...) of MLflow's run
+#: comparison: its key column and value columns are separate virtualized grids
+#: whose cells of one row share a ``top``. (Scrolled from a script, the grids
+#: fall out of step, so the screenshot shows the section's first rows.)
+_VALUES_BESIDE_KEY = """
+const cell = arguments[0].closest('.ReactVirtualized__Grid__innerScrollContainer > *');
+const section = cell.closest('.du-bois-light-collapse-content-box');
+return [...section.querySelectorAll('.ReactVirtualized__Grid__innerScrollContainer > *')]
+    .filter(c => c !== cell && c.style.top === cell.style.top && c.textContent.trim())
+    .map(c => c.textContent.trim());
+"""
+
+GAP_FINAL = "//a[normalize-space(text())='gap_final/loss']"
+
+
+def test_a_sweep_opens_on_its_runs_and_mlflow_compares_their_gap(server_uri, browser,
+                                                                 tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from projects import scenario
+    from projects.experiment import CUSTOM_MODEL_DEVELOPMENT, KIND_TAG, runs_url
+    from projects.params import pairs, parse
+    from projects.sweep import RANKING_TABLE, parse_grid, run_grid
+
+    experiment_id = mlflow.set_experiment("ui-sweep").experiment_id
+    params = scenario("dropout").PARAMS
+    config, _ = parse(pairs(["--epochs", "1", "--samples", "60"]), params, "dropout")
+    parent_id, _ = run_grid("sweep", "dropout", config, parse_grid("dropout=0.2,0.6", params,
+                                                                   "dropout"), "loss", {})
+    assert MlflowClient().get_experiment(experiment_id).tags[KIND_TAG] == \
+        CUSTOM_MODEL_DEVELOPMENT
+    children = {r.info.run_name: r for r in MlflowClient().search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}
+    assert sorted(children) == ["dropout dropout=0.2", "dropout dropout=0.6"]
+
+    # the address the entry points print opens on the runs table, the parent by name
+    browser.get(runs_url(experiment_id, server_uri))
+    WebDriverWait(browser, WAIT).until(lambda d: _cell(d, "sweep: dropout dropout"))
+    assert "Token Usage" not in browser.find_element(By.TAG_NAME, "body").text
+    browser.find_element(  # unfold the parent: its children, by name
+        By.XPATH, "//button[contains(@data-component-id, 'runnamecellrenderer')]").click()
+    WebDriverWait(browser, WAIT).until(lambda d: all(_cell(d, name) for name in children))
+    browser.save_screenshot(str(tmp_path / "experiment.png"))
+
+    # select the two children, then Compare
+    for name in children:
+        row = _cell(browser, name).find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
+        index = row.get_attribute("row-index")
+        browser.find_element(By.XPATH, f"//*[@role='row' and @row-index='{index}']"
+                                       "//input[@type='checkbox']").click()
+    next(b for b in browser.find_elements(By.TAG_NAME, "button")
+         if b.text.strip() == "Compare").click()
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.XPATH, GAP_FINAL))
+
+    def values_beside_key(d):
+        values = d.execute_script(_VALUES_BESIDE_KEY, d.find_element(By.XPATH, GAP_FINAL))
+        return len(values) == 2 and values
+
+    shown = WebDriverWait(browser, WAIT, ignored_exceptions=[StaleElementReferenceException]
+                          ).until(values_beside_key)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})",
+                           browser.find_element(By.XPATH, "//*[text()='Metrics']"))
+    browser.save_screenshot(str(tmp_path / "compare.png"))
+    compared = json.loads(urllib.parse.unquote(
+        browser.current_url.split("runs=")[1].split("&")[0]))  # run ids, in column order
+    by_id = {r.info.run_id: r for r in children.values()}
+    assert sorted(compared) == sorted(by_id)
+    # the value columns, in the compared runs' order, rounded to 3 decimals
+    assert [float(v) for v in shown] == pytest.approx(
+        [by_id[i].data.metrics["gap_final/loss"] for i in compared], abs=5e-4)
+
+    # the parent's ranking.json, shown as a table: the children in rank order
+    browser.get(f"{server_uri}/#/experiments/{experiment_id}/runs/{parent_id}/artifacts/"
+                f"{RANKING_TABLE}")
+    WebDriverWait(browser, WAIT).until(lambda d: _cell(d, "View as table")
+                                       and _cell(d, "dropout dropout=0.6"))
+    ranked = sorted(children, key=lambda n: -abs(children[n].data.metrics["gap_final/loss"]))
+    names = [e for e in browser.find_elements(By.XPATH, "//*[@role='cell' or self::td]")
+             if e.text in children]
+    assert [e.text for e in names] == ranked
+    browser.save_screenshot(str(tmp_path / "ranking_table.png"))
