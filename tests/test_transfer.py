@@ -154,7 +154,7 @@ def test_pretrained_base_holds_its_split_statistics_and_is_logged(forms):
     the base's first convolution."""
     import mlflow
 
-    from gaptrack.datasets import load_dataset
+    from projects.datasets import load_dataset
 
     ds = load_dataset("digits", seed=0)
     x, y = ds.x_train[0::2, ..., np.newaxis], ds.y_train[0::2]
