@@ -45,11 +45,14 @@ class Rendering:
         return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
                         for row in cells]
 
+    def _context(self):
+        return [line for c in self.report.context for line in ("", c)]
+
     def description(self):
         """The report's headline as Markdown, for the run's description: the
         diagnosis, the sentence, the table and the remedy."""
         lines = [f"**gaptrack diagnosis: `{self.report.diagnosis.cause}`**", "",
-                 self.report.sentence, "", *self._table_markdown(), "",
+                 self.report.sentence, *self._context(), "", *self._table_markdown(), "",
                  f"**What to do:** {self.report.remedy}"]
         return "\n".join(lines) + "\n"
 
@@ -58,7 +61,7 @@ class Rendering:
         report = self.report
         lines = [f"# Why fit() and evaluate() disagree: run {report.history.run_name}", "",
                  f"**Diagnosis: `{report.diagnosis.cause}`** (run `{report.history.run_id}`)", "",
-                 report.sentence, "", f"**What to do:** {report.remedy}", "",
+                 report.sentence, *self._context(), "", f"**What to do:** {report.remedy}", "",
                  *self._table_markdown(), "", report.note]
         if images:
             lines += ["", *(f"![{name[:-4]}]({name})" for name in self.images)]
@@ -99,6 +102,7 @@ code {{ background: #f3f3f3; padding: 0 .2rem; }} img {{ max-width: 100%; }}
 <p class="diagnosis">Diagnosis: <strong>{e(self.report.diagnosis.cause)}</strong>
  <span class="note">(run <code>{e(self.report.history.run_id)}</code>)</span></p>
 <p class="sentence">{e(self.report.sentence)}</p>
+{"".join(f'<p class="context">{e(c)}</p>' for c in self.report.context)}
 <p class="remedy"><b>What to do:</b> {_code(e(self.report.remedy))}</p>
 {table}
 <p class="note">{e(self.report.note)}</p>

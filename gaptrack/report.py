@@ -134,6 +134,22 @@ class Report:
                 f"against {others}, and {noise}.")
 
     @property
+    def context(self):
+        """Sentences that qualify the diagnosis (possibly none): BN layers that
+        are all frozen, so BN cannot explain a gap."""
+        record = self._record(self.diagnosis.epoch)
+        out = []
+        if record is not None and record.staleness and not record.precise_bn:
+            n = len(record.staleness)
+            out.append(
+                f"The model has {n} BatchNormalization layer{'s' if n > 1 else ''}, and none "
+                "uses batch statistics in fit(): a frozen layer (trainable=False) runs in "
+                "inference mode in Keras 3, in fit() too. So BN cannot make evaluate() differ "
+                "from fit() (bn_ema is 0); what remains is Dropout's mode and drift, and the "
+                "old symptom, evaluate() much worse than fit(), needs BN layers that train.")
+        return out
+
+    @property
     def remedy(self):
         """What to do about it (Markdown: code in backticks)."""
         d, tags = self.diagnosis, self.history.tags

@@ -126,6 +126,7 @@ def test_fine_tuned_base_evaluate_is_worse_than_fit_from_stale_bn(forms):
     # recalibrated, evaluate() is what precise_bn measured before
     assert form.recalibrated == pytest.approx(form.metric("precise_bn/loss"), rel=1e-4)
     assert form.snapshots.trains.all()
+    assert FROZEN_NOTE not in _report(form)
 
 
 def test_frozen_base_has_no_bn_gap_and_evaluate_is_better(forms):
@@ -145,6 +146,17 @@ def test_frozen_base_has_no_bn_gap_and_evaluate_is_better(forms):
     assert not form.snapshots.trains.any()
     assert not form.recalibration.recalibrated.any()
     assert form.recalibrated == evaluate
+    # the report says why the old symptom cannot appear here
+    assert "The model has 2 BatchNormalization layers, and " + FROZEN_NOTE in _report(form)
+
+
+FROZEN_NOTE = "none uses batch statistics in fit()"
+
+
+def _report(form):
+    import mlflow
+
+    return mlflow.artifacts.load_text(f"runs:/{form.run.info.run_id}/gaptrack/report/report.md")
 
 
 def test_pretrained_base_holds_its_split_statistics_and_is_logged(forms):
