@@ -240,8 +240,6 @@ def test_custom_loop_with_train_on_batch(sqlite_uri):
 def test_tracking_failure_is_a_warning_and_is_retried(tmp_path, monkeypatch):
     """The server goes down after epoch 0 and comes back after epoch 1's attempt:
     training carries on, and every epoch reaches the server exactly once."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     monkeypatch.chdir(tmp_path)
     server = MlflowServer(tmp_path / "server").start()
     mlflow.set_tracking_uri(server.url)

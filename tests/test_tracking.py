@@ -16,15 +16,10 @@ import gaptrack
 from builders import blobs, mlp
 from conftest import MlflowServer, free_port
 from gaptrack import callback as callback_module
-from gaptrack.tracking import (
-    RunLogger,
-    SyncError,
-    TrackingWarning,
-    describe_failure,
-    redact_uri,
-    spool_root,
-    sync,
-)
+from gaptrack.spool import spool_root
+from gaptrack.sync import SyncError, sync
+from gaptrack.tracking import RunLogger, TrackingWarning
+from gaptrack.uris import describe_failure, redact_uri
 
 
 def point_counts(client, run_id, keys):
@@ -69,7 +64,6 @@ def test_credentials_are_not_spooled_nor_shown(monkeypatch):
     assert text == ("MlflowException: API request to "
                     "http://127.0.0.1:9/api/2.0/mlflow/runs/create failed")
     # A server that never answers: the spool and every warning name it without the password.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     mlflow.set_tracking_uri(f"http://alice:s3cret@127.0.0.1:{free_port()}")
     try:
         logger = RunLogger(close_timeout=0.5)
@@ -94,8 +88,6 @@ def _train(epochs, tracker_kwargs=None, callbacks=()):
 
 
 def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.chdir(tmp_path)
     port = free_port()
     reported = []  # the history the train-end report is built from (the tracker's own copy)
@@ -115,7 +107,6 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
         shutil.copytree(spool, backup)
 
         server = MlflowServer(tmp_path / "server", port=port).start()
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         try:
             [(directory, run_id, sent, error)] = sync(spool.parent)
             assert error is None
@@ -158,8 +149,6 @@ def _with_run_id(spool_copy, run_id):
 def test_server_killed_mid_training_and_restarted(tmp_path, monkeypatch):
     """Killed after epoch 2 of 10 and restarted on the same store a few seconds
     later: every epoch's metrics and snapshots reach it exactly once."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     monkeypatch.chdir(tmp_path)
     server = MlflowServer(tmp_path / "server").start()
     mlflow.set_tracking_uri(server.url)
@@ -222,7 +211,6 @@ def test_gaptrack_sync_command(tmp_path, monkeypatch):
 
     from gaptrack.cli import main
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
     try:
