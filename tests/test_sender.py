@@ -2,12 +2,10 @@
 is set): a hung server and a slow one. What training waits, when the user hears
 of an outage, and that every point is on the server exactly once."""
 
-import contextlib
 import os
 import signal
 import statistics
 import time
-import warnings
 
 import keras
 import mlflow
@@ -15,46 +13,18 @@ from mlflow.tracking import MlflowClient
 
 import gaptrack
 from builders import blobs, mlp
-from conftest import MlflowServer
+from conftest import (WARNING_LATENCY, MlflowServer, first_tracking_warning, recoveries,
+                      timed_warnings)
 from gaptrack.sync import sync
 from gaptrack.tracking import RunLogger, TrackingWarning
 from proxy import SlowProxy
 
-#: Seconds within which the first failed request of an outage is a warning.
-WARNING_LATENCY = 15.0
 #: Seconds the training thread may spend in the tracker's logging calls per epoch.
 EPOCH_COST = 0.010
 
 
 def test_mlflow_http_settings_are_the_defaults():
     assert not [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST_")]
-
-
-@contextlib.contextmanager
-def timed_warnings():
-    """``[(monotonic time, category, text)]`` of every warning, from any thread."""
-    seen = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, category, *_, **__: seen.append(
-            (time.monotonic(), category, str(message)))
-        yield seen
-
-
-def first_tracking_warning(seen, after, timeout):
-    """Seconds from ``after`` to the first TrackingWarning issued after it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        times = [t for t, category, _ in seen if category is TrackingWarning and t >= after]
-        if times:
-            return times[0] - after
-        time.sleep(0.05)
-    return None
-
-
-def recoveries(caplog):
-    return [r for r in caplog.records
-            if r.name == "gaptrack.sender" and "answers again" in r.getMessage()]
 
 
 def points(client, run_id, key):
