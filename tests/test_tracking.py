@@ -193,8 +193,8 @@ def test_server_killed_mid_training_and_restarted(tmp_path, monkeypatch, caplog)
     class Kill(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 2:
-                server.stop()
                 killed.append(time.monotonic())
+                server.stop()
                 threading.Thread(target=restart_later, daemon=True).start()
 
     class EndTimer(keras.callbacks.Callback):
