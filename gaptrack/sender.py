@@ -85,6 +85,7 @@ class _BoundedRestStore(RestStore):
     def _call_endpoint(self, api, json_body=None, endpoint=None, retry_timeout_seconds=None,
                        response_proto=None):
         infos = self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO
+        self._validate_workspace_support_if_specified()
         default_endpoint, method = infos[api]
         endpoint = endpoint or default_endpoint
         body = None if json_body is None else json.loads(json_body)

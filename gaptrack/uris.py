@@ -66,6 +66,24 @@ def _http_status(exc):
         return None
 
 
+_REQUEST = re.compile(r"API request to \S+ failed")
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^\"')]+)")
+
+
+def _network_reason(exc):
+    """Why a request got no HTTP answer, in a few words (``None``: it got one).
+    MLflow wraps ``requests``' exception, whose text is urllib3's retry report."""
+    import requests
+
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, requests.exceptions.Timeout):
+        return "no answer in time"
+    if isinstance(cause, requests.exceptions.ConnectionError):
+        errno = _ERRNO.search(str(cause))
+        return errno.group(1) if errno else "cannot connect"
+    return None
+
+
 def describe_failure(exc):
     """One line on a failed request, without credentials; ``(text, permanent)``.
 
@@ -76,6 +94,9 @@ def describe_failure(exc):
     status = _http_status(exc)
     # MLflow's messages quote the request URL, credentials included.
     first_line = _CREDENTIALS.sub(r"\1", str(exc).splitlines()[0] if str(exc) else "")
+    request, reason = _REQUEST.match(first_line), _network_reason(exc)
+    if request and reason:
+        return f"{request.group(0)}: {reason}", False
     text = f"{type(exc).__name__}: {first_line}"
     if status in (401, 403):
         return (f"the tracking server refused the request (HTTP {status}): set "

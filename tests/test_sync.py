@@ -62,8 +62,14 @@ def test_gaptrack_sync_command(tmp_path, monkeypatch):
             assert not logger.close()
     finally:
         mlflow.set_tracking_uri(None)
-    store = f"sqlite:///{tmp_path / 'late.db'}"
     runner = CliRunner()
+    # the server is still down: one line, exit status 1, nothing lost
+    down = runner.invoke(main, ["sync", str(logger.spool.dir)])
+    assert down.exit_code == 1
+    [line] = down.output.splitlines()
+    assert line.endswith("/api/2.0/mlflow/runs/create failed: Connection refused"), line
+    assert logger.spool.dir.exists() and not (logger.spool.dir / "acked").exists()
+    store = f"sqlite:///{tmp_path / 'late.db'}"
     result = runner.invoke(main, ["sync", str(logger.spool.dir), "--tracking-uri", store])
     assert result.exit_code == 0, result.output
     [line] = [l for l in result.output.splitlines() if "sent from" in l]

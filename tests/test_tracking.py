@@ -134,6 +134,7 @@ def test_server_unreachable_for_the_whole_run_then_sync(mlflow_server, tmp_path,
         assert result.exit_code == 1
         [line] = result.output.splitlines()
         assert line.startswith(f"run not created: 0 operation(s) sent from {spool}, then stopped")
+        assert line.endswith("/api/2.0/mlflow/runs/create failed: no answer in time")
         assert (spool / "ops.jsonl").read_text() == kept and not (spool / "acked").exists()
 
         proxy = SlowProxy(int(mlflow_server.url.rsplit(":", 1)[1]), delay=0.0, port=port)
