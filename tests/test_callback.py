@@ -117,15 +117,16 @@ def test_tracking_does_not_disturb_training(sqlite_uri):
 
 
 def test_one_log_batch_request_per_epoch(sqlite_uri, monkeypatch):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
     calls = []
-    real = MlflowClient.log_batch
+    real = SqlAlchemyStore.log_batch  # the store the sender writes to
 
-    def counting(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+    def counting(self, run_id, metrics, params, tags):
         calls.append(sorted({m.step for m in metrics}) if metrics else "tags")
-        return real(self, run_id, metrics=metrics, params=params, tags=tags,
-                    synchronous=synchronous)
+        return real(self, run_id, metrics=metrics, params=params, tags=tags)
 
-    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", counting)
     x, y = blobs(64)
     model = mlp()
     model.fit(x, y, batch_size=16, epochs=3, verbose=0,
