@@ -31,8 +31,6 @@ Usage:
 """
 
 import argparse
-import http.client
-import http.server
 import json
 import os
 import platform
@@ -41,12 +39,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 from _server import start_server, stop_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from proxy import SlowProxy  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -153,48 +153,6 @@ def worker(variant, config):
     probe = callbacks[-1].probe.size if variant in "DEF" else None
     send({"done": True, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           "probe_size": probe})
-
-
-# -- the slow server ----------------------------------------------------------------
-
-class SlowProxy:
-    """Forwards HTTP requests to ``upstream`` after ``delay`` seconds; records them."""
-
-    def __init__(self, upstream_port, delay):
-        self.requests = []  # (wall time, method, path)
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def forward(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                proxy.requests.append((time.time(), self.command, self.path.split("?")[0]))
-                time.sleep(delay)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "connection", "transfer-encoding")}
-                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-                conn.request(self.command, self.path, body=body, headers=headers)
-                response = conn.getresponse()
-                payload = response.read()
-                self.send_response(response.status)
-                for k, v in response.getheaders():
-                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-                conn.close()
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 # -- the parent -----------------------------------------------------------------------

@@ -14,7 +14,10 @@ per measured epoch (:mod:`gaptrack.snapshots`). At train end: the summaries
 size) and the per-run report under ``gaptrack/report/`` (:mod:`gaptrack.report`).
 
 It keeps one history, a list of :class:`gaptrack.record.EpochRecord`, from which
-the summaries and the report are made. It does not disturb training: it
+the summaries and the report are made. Each measured epoch also logs two step
+images (``gaptrack.decomposition``, ``gaptrack.bn_staleness``), and at train end
+the report's headline becomes the run's description in the MLflow UI (never
+over one the user wrote). It does not disturb training: it
 measures statelessly (no weight, BN statistic, seed or metric variable
 changes), never modifies ``logs``, a tracking failure is a warning with the data
 retried in the background, and any other failure inside it is one warning
@@ -29,16 +32,17 @@ import warnings
 
 import keras
 
-from gaptrack import __version__, keys
+from gaptrack import __version__, charts, keys
 from gaptrack.decompose import decompose, summarize
 from gaptrack.measurement import Measurer
 from gaptrack.probe import Probe, check_positive_int
-from gaptrack.record import EpochRecord, RunHistory
+from gaptrack.record import EpochRecord, RunHistory, loss_first, natural_order
 from gaptrack.render import Rendering
 from gaptrack.report import build_report
 from gaptrack.safety import Guard
 from gaptrack.snapshots import snapshot_frame
-from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger, check_tracking_uri
+from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger
+from gaptrack.uris import check_tracking_uri
 
 #: Keras' default batch size for in-memory data.
 KERAS_DEFAULT_BATCH_SIZE = 32
@@ -220,8 +224,21 @@ class GapTracker(keras.callbacks.Callback):
                     self.logger.log_table(snapshot_frame(step, measurement.bn),
                                           keys.snapshot_path(step))
                 self.logger.log_metrics(keys.epoch_metrics(record), step=step)
+            if record.parts:
+                with self._guard("charting the epoch", kind="charting"):
+                    self._log_epoch_images(record)
             self._tag_failures()
         return record
+
+    def _log_epoch_images(self, record):
+        """The epoch's decomposition and BN staleness as step images, which the
+        MLflow UI's image charts step through epoch by epoch."""
+        names = loss_first(record.parts)
+        self.logger.log_image(charts.png(charts.epoch_decomposition_figure(record, names)),
+                              keys.DECOMPOSITION_IMAGE, record.step)
+        if record.staleness:
+            figure = charts.epoch_staleness_figure(record, natural_order(record.staleness))
+            self.logger.log_image(charts.png(figure), keys.STALENESS_IMAGE, record.step)
 
     def _tag_failures(self):
         """Tag the run with what failed inside the tracker, when something did."""
@@ -241,6 +258,7 @@ class GapTracker(keras.callbacks.Callback):
         rendering = Rendering(report)
         artifacts = rendering.artifacts()
         self.logger.set_tags(keys.diagnosis_tags(report.diagnosis))
+        self.logger.set_description(rendering.description())
         with tempfile.TemporaryDirectory(prefix="gaptrack-report-") as tmp:
             for name, data in artifacts.items():
                 path = os.path.join(tmp, name)

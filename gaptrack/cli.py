@@ -128,16 +128,20 @@ def sync(spool, tracking_uri):
     or a directory of them; default: $GAPTRACK_SPOOL_DIR, else
     $XDG_STATE_HOME/gaptrack/spool. Idempotent: running it twice adds nothing.
     """
-    from gaptrack import tracking
+    from gaptrack import sync as spools
+    from gaptrack.uris import TrackingURIError
 
     try:
-        results = tracking.sync(spool, tracking_uri=tracking_uri)
-    except (tracking.SyncError, tracking.TrackingURIError) as e:
+        results = spools.sync(spool, tracking_uri=tracking_uri)
+    except (spools.SyncError, TrackingURIError) as e:
         raise click.ClickException(str(e)) from None
     for directory, run_id, sent, error in results:
-        click.echo(f"{run_id}: {sent} operation(s) sent from {directory}")
         if error:
-            click.echo(f"  stopped, nothing lost (run `gaptrack sync` again): {error}", err=True)
+            click.echo(f"{run_id or 'run not created'}: {sent} operation(s) sent from "
+                       f"{directory}, then stopped, nothing lost (run `gaptrack sync` "
+                       f"again): {error}", err=True)
+        else:
+            click.echo(f"{run_id}: {sent} operation(s) sent from {directory}")
     if not results:
         click.echo("nothing to sync", err=True)
     if any(error for *_, error in results):

@@ -197,8 +197,8 @@ def _gap_curves(client, runs, metric):
 
 
 def _client(tracking_uri):
-    """:func:`gaptrack.tracking.open_client`, its error as a :class:`CompareError`."""
-    from gaptrack.tracking import TrackingURIError, open_client
+    """:func:`gaptrack.uris.open_client`, its error as a :class:`CompareError`."""
+    from gaptrack.uris import TrackingURIError, open_client
 
     try:
         return open_client(tracking_uri)

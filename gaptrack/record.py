@@ -8,6 +8,7 @@ logging edge, and parses the keys back into records for a report rebuilt from
 the server.
 """
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -82,6 +83,12 @@ class RunHistory:
     def names(self):
         """The measured metrics, the loss first."""
         return loss_first({m for r in self.records for m in r.parts})
+
+
+def natural_order(names):
+    """Names sorted with their numbers as numbers (``bn_2`` before ``bn_10``)."""
+    return sorted(names, key=lambda name: [int(t) if t.isdigit() else t
+                                           for t in re.split(r"(\d+)", name)])
 
 
 def loss_first(names):

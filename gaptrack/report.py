@@ -18,9 +18,9 @@ Example:
 """
 
 import math
-import re
 
 from gaptrack.diagnosis import diagnose, standard_error
+from gaptrack.record import natural_order
 from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PROBE_SIZE_TAG, WORST_LAYER_TAG,
                            metric_key)
 
@@ -77,9 +77,7 @@ class Report:
     @property
     def bn_layers(self):
         """The BN layer keys with logged staleness, in natural order (``bn_2`` before ``bn_10``)."""
-        layers = {layer for r in self.history.records for layer in r.staleness}
-        return sorted(layers, key=lambda name: [int(t) if t.isdigit() else t
-                                                for t in re.split(r"(\d+)", name)])
+        return natural_order({layer for r in self.history.records for layer in r.staleness})
 
     def _record(self, epoch):
         return next((r for r in self.history.records if r.step == epoch), None)

@@ -27,7 +27,7 @@ def load_history(run_id, tracking_uri=None):
     """
     from mlflow.exceptions import MlflowException
 
-    from gaptrack.tracking import TrackingURIError, open_client, redact_uri
+    from gaptrack.uris import TrackingURIError, open_client, redact_uri
 
     try:
         client, uri = open_client(tracking_uri)

@@ -78,7 +78,7 @@ def load_bn_snapshots(run_id, tracking_uri=None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from gaptrack.tracking import TrackingURIError, open_client, redact_uri
+    from gaptrack.uris import TrackingURIError, open_client, redact_uri
 
     try:
         client, uri = open_client(tracking_uri)

@@ -4,12 +4,14 @@ Nothing is written into ``~`` and nothing reaches the internet: the environment
 variables below are set before Keras, TensorFlow or MLflow are imported.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import urllib.request
 from pathlib import Path
 
@@ -85,6 +87,41 @@ class MlflowServer:
             os.killpg(self.proc.pid, 9)
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+#: Seconds within which the first failed request of an outage is a warning.
+WARNING_LATENCY = 15.0
+
+
+@contextlib.contextmanager
+def timed_warnings():
+    """``[(monotonic time, category, text)]`` of every warning, from any thread."""
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, *_, **__: seen.append(
+            (time.monotonic(), category, str(message)))
+        yield seen
+
+
+def first_tracking_warning(seen, after, timeout):
+    """Seconds from ``after`` to the first TrackingWarning issued after it, waiting
+    at most ``timeout`` seconds for it (``None``: none came)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        times = [t for t, category, _ in seen
+                 if category.__name__ == "TrackingWarning" and t >= after]
+        if times:
+            return times[0] - after
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def recoveries(caplog):
+    """The log lines saying that the tracking server answers again."""
+    return [r for r in caplog.records
+            if r.name == "gaptrack.sender" and "answers again" in r.getMessage()]
 
 
 def _forget_mlflow_state():

@@ -12,7 +12,7 @@ import gaptrack
 from builders import blobs, mlp
 from gaptrack.measurement import MeasureError
 from gaptrack.probe import ProbeError
-from gaptrack.tracking import TrackingURIError
+from gaptrack.uris import TrackingURIError
 
 x, y = blobs(32)
 

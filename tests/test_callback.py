@@ -117,15 +117,16 @@ def test_tracking_does_not_disturb_training(sqlite_uri):
 
 
 def test_one_log_batch_request_per_epoch(sqlite_uri, monkeypatch):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
     calls = []
-    real = MlflowClient.log_batch
+    real = SqlAlchemyStore.log_batch  # the store the sender writes to
 
-    def counting(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+    def counting(self, run_id, metrics, params, tags):
         calls.append(sorted({m.step for m in metrics}) if metrics else "tags")
-        return real(self, run_id, metrics=metrics, params=params, tags=tags,
-                    synchronous=synchronous)
+        return real(self, run_id, metrics=metrics, params=params, tags=tags)
 
-    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", counting)
     x, y = blobs(64)
     model = mlp()
     model.fit(x, y, batch_size=16, epochs=3, verbose=0,
@@ -240,8 +241,6 @@ def test_custom_loop_with_train_on_batch(sqlite_uri):
 def test_tracking_failure_is_a_warning_and_is_retried(tmp_path, monkeypatch):
     """The server goes down after epoch 0 and comes back after epoch 1's attempt:
     training carries on, and every epoch reaches the server exactly once."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     monkeypatch.chdir(tmp_path)
     server = MlflowServer(tmp_path / "server").start()
     mlflow.set_tracking_uri(server.url)
@@ -269,3 +268,36 @@ def test_tracking_failure_is_a_warning_and_is_retried(tmp_path, monkeypatch):
     finally:
         server.stop()
         mlflow.set_tracking_uri(None)
+
+
+def test_the_run_describes_itself_and_steps_its_charts_in_the_ui(sqlite_uri):
+    """The report's headline is the run's description (shown on its Overview),
+    rebuilt from the store it is the same text; each measured epoch has its two
+    step images, which MLflow's image charts step through."""
+    from click.testing import CliRunner
+
+    from gaptrack.cli import main
+
+    keras.utils.set_random_seed(0)
+    x, y = blobs(96)
+    tracker = gaptrack.GapTracker((x, y), batch_size=32, every=2)
+    mlp(bn=True, dropout=0.2).fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[tracker])
+    client = MlflowClient()
+    run = client.get_run(tracker.run_id)
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**gaptrack diagnosis: `{run.data.tags['gaptrack.diagnosis']}`**")
+    printed = CliRunner().invoke(main, ["report", tracker.run_id]).output
+    sentence = next(line for line in printed.splitlines() if line.startswith("At epoch 2"))
+    assert sentence in note and "**What to do:**" in note
+    images = sorted(f.path.split("/")[-1] for f in client.list_artifacts(tracker.run_id, "images"))
+    steps = {}
+    for name in images:
+        key, _, step, *_ = name.split("+")
+        steps.setdefault(key, set()).add(int(step))
+    assert steps == {"gaptrack.decomposition": {0, 2}, "gaptrack.bn_staleness": {0, 2}}
+
+    # a description the user wrote is kept when the tracker runs again on the run
+    client.set_tag(tracker.run_id, "mlflow.note.content", "my notes")
+    again = gaptrack.GapTracker((x, y), batch_size=32, run_id=tracker.run_id)
+    mlp().fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[again])
+    assert client.get_run(tracker.run_id).data.tags["mlflow.note.content"] == "my notes"

@@ -1,30 +1,33 @@
 """RunLogger and sync: spooled, background, retried, exactly once on the server."""
 
+import io
 import json
+import re
 import shutil
+import socket
 import threading
 import time
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import gaptrack
 from builders import blobs, mlp
-from conftest import MlflowServer, free_port
+from conftest import (WARNING_LATENCY, MlflowServer, first_tracking_warning, free_port,
+                      recoveries, timed_warnings)
+from proxy import SlowProxy
 from gaptrack import callback as callback_module
-from gaptrack.tracking import (
-    RunLogger,
-    SyncError,
-    TrackingWarning,
-    describe_failure,
-    redact_uri,
-    spool_root,
-    sync,
-)
+from gaptrack.cli import main
+from gaptrack.spool import spool_root
+from gaptrack.sync import sync
+from gaptrack.tracking import RunLogger, TrackingWarning
+from gaptrack.uris import describe_failure, redact_uri
 
 
 def point_counts(client, run_id, keys):
@@ -69,7 +72,6 @@ def test_credentials_are_not_spooled_nor_shown(monkeypatch):
     assert text == ("MlflowException: API request to "
                     "http://127.0.0.1:9/api/2.0/mlflow/runs/create failed")
     # A server that never answers: the spool and every warning name it without the password.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     mlflow.set_tracking_uri(f"http://alice:s3cret@127.0.0.1:{free_port()}")
     try:
         logger = RunLogger(close_timeout=0.5)
@@ -93,9 +95,11 @@ def _train(epochs, tracker_kwargs=None, callbacks=()):
     return tracker, history
 
 
-def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+def test_server_unreachable_for_the_whole_run_then_sync(mlflow_server, tmp_path, monkeypatch):
+    """Nothing listens at the tracking URI: training completes, warned at once;
+    ``gaptrack sync`` against a server that never answers fails within 60 s in
+    one line, nothing lost; then a server appears at that address (a proxy to a
+    real one) and sync sends every point once, however often it is run."""
     monkeypatch.chdir(tmp_path)
     port = free_port()
     reported = []  # the history the train-end report is built from (the tracker's own copy)
@@ -104,18 +108,36 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
                         lambda history: reported.append(history) or build_report(history))
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:
-        with pytest.warns(TrackingWarning, match="gaptrack sync"):
+        with timed_warnings() as seen:
+            started = time.monotonic()
             tracker, history = _train(3, {"close_timeout": 1.0})
+            took = time.monotonic() - started
         assert len(history.history["loss"]) == 3  # training completed
+        assert first_tracking_warning(seen, started, timeout=0) < WARNING_LATENCY
+        assert "gaptrack sync" in seen[-1][2] and seen[-1][1] is TrackingWarning
+        assert took < 30.0  # the tiny training, and its close timeout (1 s)
         spool = tracker.logger.spool.dir
         assert spool.exists() and tracker.run_id is None
         meta = json.loads((spool / "meta.json").read_text())
         assert meta["tracking_uri"] == f"http://127.0.0.1:{port}"
+        kept = (spool / "ops.jsonl").read_text()
         backup = tmp_path / "spool-copy"
         shutil.copytree(spool, backup)
 
-        server = MlflowServer(tmp_path / "server", port=port).start()
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        with socket.socket() as silent:  # accepts connections, never answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(16)
+            start = time.monotonic()
+            result = CliRunner().invoke(main, ["sync", str(spool), "--tracking-uri",
+                                               f"http://127.0.0.1:{silent.getsockname()[1]}"])
+            assert time.monotonic() - start < 60.0
+        assert result.exit_code == 1
+        [line] = result.output.splitlines()
+        assert line.startswith(f"run not created: 0 operation(s) sent from {spool}, then stopped")
+        assert line.endswith("/api/2.0/mlflow/runs/create failed: no answer in time")
+        assert (spool / "ops.jsonl").read_text() == kept and not (spool / "acked").exists()
+
+        proxy = SlowProxy(int(mlflow_server.url.rsplit(":", 1)[1]), delay=0.0, port=port)
         try:
             [(directory, run_id, sent, error)] = sync(spool.parent)
             assert error is None
@@ -124,25 +146,25 @@ def test_server_unreachable_for_the_whole_run_then_sync(tmp_path, monkeypatch):
             # replaying the same operations (acks lost) adds nothing either
             [(_, same_run, resent, _)] = sync(_with_run_id(backup, run_id))
             assert same_run == run_id and resent == sent
-            client = MlflowClient(server.url)
-            run = client.get_run(run_id)
-            assert run.info.status == "FINISHED"
-            steps = point_counts(client, run_id, ["fit/loss", "gap/loss", "eval_train/accuracy",
-                                                  "precise_bn/loss"])
-            assert all(s == [0, 1, 2] for s in steps.values()), steps
-            assert [p.value for p in client.get_metric_history(run_id, "fit/loss")] == \
-                history.history["loss"]
-            df = gaptrack.load_bn_snapshots(run_id, tracking_uri=server.url)
-            assert sorted(df.epoch.unique()) == [0, 1, 2]
-            assert run.data.tags["gaptrack.probe_size"] == "48"
-            # the report made while the server was away had the run's own tags
-            [local] = reported
-            assert local.tags == {k: run.data.tags[k] for k in local.tags}
-            assert {"gaptrack.batch_size", "gaptrack.bn_worst_layer"} <= set(local.tags)
-            assert {r.step: r.fit["loss"] for r in local.records} == {
-                p.step: p.value for p in client.get_metric_history(run_id, "fit/loss")}
         finally:
-            server.stop()
+            proxy.close()
+        client = MlflowClient(mlflow_server.url)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        steps = point_counts(client, run_id, ["fit/loss", "gap/loss", "eval_train/accuracy",
+                                              "precise_bn/loss"])
+        assert all(s == [0, 1, 2] for s in steps.values()), steps
+        assert [p.value for p in client.get_metric_history(run_id, "fit/loss")] == \
+            history.history["loss"]
+        df = gaptrack.load_bn_snapshots(run_id, tracking_uri=mlflow_server.url)
+        assert sorted(df.epoch.unique()) == [0, 1, 2]
+        assert run.data.tags["gaptrack.probe_size"] == "48"
+        # the report made while the server was away had the run's own tags
+        [local] = reported
+        assert local.tags == {k: run.data.tags[k] for k in local.tags}
+        assert {"gaptrack.batch_size", "gaptrack.bn_worst_layer"} <= set(local.tags)
+        assert {r.step: r.fit["loss"] for r in local.records} == {
+            p.step: p.value for p in client.get_metric_history(run_id, "fit/loss")}
     finally:
         mlflow.set_tracking_uri(None)
 
@@ -155,15 +177,14 @@ def _with_run_id(spool_copy, run_id):
     return spool_copy
 
 
-def test_server_killed_mid_training_and_restarted(tmp_path, monkeypatch):
+def test_server_killed_mid_training_and_restarted(tmp_path, monkeypatch, caplog):
     """Killed after epoch 2 of 10 and restarted on the same store a few seconds
-    later: every epoch's metrics and snapshots reach it exactly once."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    later: a warning within 15 s of the kill, one line when it is back, and every
+    epoch's metrics and snapshots reach it exactly once."""
     monkeypatch.chdir(tmp_path)
     server = MlflowServer(tmp_path / "server").start()
     mlflow.set_tracking_uri(server.url)
-    restarted = []
+    restarted, killed = [], []
 
     def restart_later():
         time.sleep(3)
@@ -173,6 +194,7 @@ def test_server_killed_mid_training_and_restarted(tmp_path, monkeypatch):
     class Kill(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 2:
+                killed.append(time.monotonic())
                 server.stop()
                 threading.Thread(target=restart_later, daemon=True).start()
 
@@ -182,12 +204,14 @@ def test_server_killed_mid_training_and_restarted(tmp_path, monkeypatch):
 
     try:
         timer = EndTimer()
-        with pytest.warns(TrackingWarning):
-            tracker, history = _train(10, {"close_timeout": 60.0}, callbacks=[Kill(), timer])
+        with timed_warnings() as seen:
+            tracker, history = _train(10, {"close_timeout": 120.0}, callbacks=[Kill(), timer])
         finished = time.monotonic()
         assert restarted and len(history.history["loss"]) == 10
+        assert first_tracking_warning(seen, killed[0], timeout=0) < WARNING_LATENCY
+        assert len(recoveries(caplog)) == 1
         # train end waited for the server at most the retry budget
-        assert finished - timer.start < 60.0
+        assert finished - timer.start < 120.0
         client = MlflowClient(server.url)
         keys = ["fit/loss", "gap/loss", "gap/loss/bn_ema", "train_mode/accuracy"]
         steps = point_counts(client, tracker.run_id, keys)
@@ -202,51 +226,56 @@ def test_server_killed_mid_training_and_restarted(tmp_path, monkeypatch):
         mlflow.set_tracking_uri(None)
 
 
-def test_sync_refuses_a_spool_that_points_outside_itself(tmp_path, sqlite_uri):
-    spool = tmp_path / "spool" / "abc"
-    (spool / "files").mkdir(parents=True)
-    (spool / "meta.json").write_text(json.dumps(
-        {"tracking_uri": sqlite_uri, "run_id": None, "experiment_id": "0"}))
-    (spool / "ops.jsonl").write_text(json.dumps(
-        {"seq": 0, "type": "artifact", "path": "../../../etc/passwd", "dir": None}) + "\n")
-    with pytest.raises(SyncError, match="outside it"):
-        sync(spool)
-    with pytest.raises(SyncError, match="does not exist"):
-        sync(tmp_path / "nope")
+def _png(width, height, color):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def test_gaptrack_sync_command(tmp_path, monkeypatch):
-    """Spooled while the server is unreachable, then `gaptrack sync` sends it to a
-    store given on the command line; a second call has nothing to send."""
-    from click.testing import CliRunner
+def test_run_known_images_by_step_and_a_description_that_never_overwrites_the_users(server_uri):
+    """wait_for_run names the run; log_image stores step images as
+    ``mlflow.log_image(key=, step=)`` does (compared with MLflow's own); the
+    description is gaptrack's until the user writes one."""
+    client = MlflowClient(server_uri)
+    logger = RunLogger()
+    run_id, run_name = logger.wait_for_run(60.0)
+    assert (run_id, run_name) == (logger.run_id, client.get_run(run_id).info.run_name)
+    images = {step: _png(400, 300, (40 * step, 0, 0)) for step in (0, 1)}
+    for step, image in images.items():
+        logger.log_image(image, "gaptrack.decomposition", step=step)
+    with pytest.raises(ValueError, match="image key must be letters, digits, .* got 'a:b'"):
+        logger.log_image(images[0], "a:b", step=0)
+    logger.set_description("first")
+    logger.set_description("second")  # replaces what gaptrack wrote
+    assert logger.close()
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.note.content"] == "second"
+    # a description the user wrote is kept
+    client.set_tag(run_id, "mlflow.note.content", "mine")
+    joined = RunLogger(run_id=run_id)
+    joined.set_description("third")
+    assert joined.close() and not joined.owns_run
+    assert client.get_run(run_id).data.tags["mlflow.note.content"] == "mine"
 
-    from gaptrack.cli import main
+    reference = client.create_run(run.info.experiment_id).info.run_id
+    client.log_image(reference, np.zeros((300, 400, 3), dtype=np.uint8),
+                     key="gaptrack.decomposition", step=0)
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
-    try:
-        logger = RunLogger(close_timeout=0.5)
-        logger.log_metrics({"gap/loss": 0.25, "fit/loss": 1.0}, step=0)
-        logger.log_metrics({"gap/loss": 0.125, "fit/loss": 0.5}, step=1)
-        with pytest.warns(TrackingWarning, match="gaptrack sync"):
-            assert not logger.close()
-    finally:
-        mlflow.set_tracking_uri(None)
-    store = f"sqlite:///{tmp_path / 'late.db'}"
-    runner = CliRunner()
-    result = runner.invoke(main, ["sync", str(logger.spool.dir), "--tracking-uri", store])
-    assert result.exit_code == 0, result.output
-    [line] = [l for l in result.output.splitlines() if "sent from" in l]
-    run_id, rest = line.split(":", 1)
-    assert "3 operation(s) sent" in rest  # two metric batches and the end of the run
-    client = MlflowClient(store)
-    assert [(p.step, p.value) for p in client.get_metric_history(run_id, "gap/loss")] == \
-        [(0, 0.25), (1, 0.125)]
-    assert client.get_run(run_id).info.status == "FINISHED"
-    again = runner.invoke(main, ["sync", "--tracking-uri", store])
-    assert again.exit_code == 0 and "nothing to sync" in again.output
-    bad = runner.invoke(main, ["sync", str(tmp_path / "missing")])
-    assert bad.exit_code == 1 and "does not exist" in bad.output
-    bad = runner.invoke(main, ["sync", "--tracking-uri", "htp:/x"])
-    assert bad.exit_code == 1 and "'htp:/x' has no usable scheme; accepted" in bad.output
+    def stored(run):
+        """``{(step, ".png" or "+compressed.webp"): artifact path}`` of the run's images."""
+        pattern = re.compile(r"images/gaptrack\.decomposition\+step\+(\d+)\+timestamp\+\d+"
+                             r"\+[0-9a-f-]{36}(\.png|\+compressed\.webp)")
+        return {pattern.fullmatch(f.path).groups(): f.path
+                for f in client.list_artifacts(run, "images")}
+
+    ours = stored(run_id)
+    assert sorted(ours) == [("0", "+compressed.webp"), ("0", ".png"), ("1", "+compressed.webp"),
+                            ("1", ".png")]
+    assert sorted(stored(reference)) == [("0", "+compressed.webp"), ("0", ".png")]
+    assert run.data.tags["mlflow.loggedImages"] == \
+        client.get_run(reference).data.tags["mlflow.loggedImages"]
+    for step, image in images.items():
+        with open(client.download_artifacts(run_id, ours[str(step), ".png"]), "rb") as f:
+            assert f.read() == image
