@@ -72,16 +72,17 @@ _ERRNO = re.compile(r"\[Errno -?\d+\] ([^\"')]+)")
 
 def _network_reason(exc):
     """Why a request got no HTTP answer, in a few words (``None``: it got one).
-    MLflow wraps ``requests``' exception, whose text is urllib3's retry report."""
+    MLflow wraps ``requests``' exception, whose text is urllib3's retry report
+    (a read timeout included, once MLflow's retries are off)."""
     import requests
 
     cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, requests.exceptions.Timeout):
+    if not isinstance(cause, requests.exceptions.RequestException):
+        return None
+    if isinstance(cause, requests.exceptions.Timeout) or "timed out" in str(cause):
         return "no answer in time"
-    if isinstance(cause, requests.exceptions.ConnectionError):
-        errno = _ERRNO.search(str(cause))
-        return errno.group(1) if errno else "cannot connect"
-    return None
+    errno = _ERRNO.search(str(cause))
+    return errno.group(1) if errno else "no answer"
 
 
 def describe_failure(exc):
