@@ -116,7 +116,13 @@ def spread(means, variances, epsilon):
 def bn_spread(model, bn_layers):
     """``replicas/bn_spread``: the largest :func:`spread` over the BN layers that
     are not synchronized, or ``None`` when there is nothing to compare (fewer
-    than two local replicas, or no such layer)."""
+    than two local replicas, or no such layer).
+
+    Only the replicas of this process are compared: under
+    ``MultiWorkerMirroredStrategy`` the other workers' copies would take a
+    collective inside a callback (see :mod:`gaptrack.callback` for why the
+    chief measures alone), so with one device a worker there is no spread.
+    """
     spreads = []
     for bn in bn_layers:
         layer = bn.layer

@@ -210,7 +210,9 @@ def multiworker(out):
             return tf.reduce_sum(loss_fn(yb, model(xb, training=False)))
         return strategy.reduce("SUM", strategy.run(step, args=(xb, yb)), axis=None)
 
-    tracker = gaptrack.GapTracker((x, y), batch_size=GLOBAL_BATCH)
+    # the run `mlflow run` created for the chief (README, "Distributed training")
+    tracker = gaptrack.GapTracker((x, y), batch_size=GLOBAL_BATCH,
+                                  run_id=os.environ.get("MLFLOW_RUN_ID"))
     epoch_seconds = []
     with tracker.track(model):
         for epoch in range(EPOCHS):
