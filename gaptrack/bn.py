@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gaptrack import keras_private
+from gaptrack.distribute import shard_sizes
 from gaptrack.keys import layer_key
 
 
@@ -102,13 +103,20 @@ def find_bn_layers(model):
 
 
 @contextlib.contextmanager
-def watch_inputs(bn_layers):
+def watch_inputs(bn_layers, replicas=1):
     """Record, while tracing, each layer's batch moments and whether it trains.
 
     Inside the block every listed layer's ``call`` is wrapped; each call stores
     ``(trains, mean, variance, n)`` in the returned dict under the layer's
     ``id``: the moments of the layer's input computed exactly as the layer
     computes them in training, and the number of samples.
+
+    With ``replicas`` > 1 (training under a ``tf.distribute`` strategy, see
+    :mod:`gaptrack.distribute`), a layer that trains and is not
+    ``synchronized`` normalises each replica's shard of the batch with the
+    shard's own moments, as each replica did in ``fit()``; the recorded moments
+    are the shards' moments weighted by their sizes, so the population
+    statistics are those of the batches the replicas normalised with.
     Meant for use around a traced function: the tensors belong to its graph.
     """
     from keras import ops
@@ -118,15 +126,26 @@ def watch_inputs(bn_layers):
         layer = bn.layer
 
         def call(inputs, training=None, mask=None, _layer=layer, _call=layer.call):
-            x = ops.cast(inputs, "float32")
-            mean, var = keras_private.batch_moments(_layer, x, mask)
-            record[id(_layer)] = (
-                bool(training) and _layer.trainable,
-                ops.reshape(mean, (-1,)),
-                ops.reshape(var, (-1,)),
-                ops.cast(ops.shape(inputs)[0], "float32"),
-            )
-            return _call(inputs, training=training, mask=mask)
+            trains = bool(training) and _layer.trainable
+            n = ops.cast(ops.shape(inputs)[0], "float32")
+            if not (trains and replicas > 1 and not _layer.synchronized):
+                mean, var = keras_private.batch_moments(_layer, ops.cast(inputs, "float32"), mask)
+                record[id(_layer)] = (trains, ops.reshape(mean, (-1,)),
+                                      ops.reshape(var, (-1,)), n)
+                return _call(inputs, training=training, mask=mask)
+            outputs, mean_sum, var_sum, start = [], 0.0, 0.0, 0
+            for size in shard_sizes(ops.shape(inputs)[0], replicas):
+                x = inputs[start:start + size]
+                m = None if mask is None else mask[start:start + size]
+                mean, var = keras_private.batch_moments(_layer, ops.cast(x, "float32"), m)
+                weight = ops.cast(size, "float32")
+                # an empty shard has NaN moments and no weight
+                mean_sum += ops.where(weight > 0, weight * ops.reshape(mean, (-1,)), 0.0)
+                var_sum += ops.where(weight > 0, weight * ops.reshape(var, (-1,)), 0.0)
+                outputs.append(_call(x, training=training, mask=m))
+                start += size
+            record[id(_layer)] = (trains, mean_sum / n, var_sum / n, n)
+            return ops.concatenate(outputs, axis=0)
 
         layer.call = call
     try:

@@ -22,6 +22,22 @@ measures statelessly (no weight, BN statistic, seed or metric variable
 changes), never modifies ``logs``, a tracking failure is a warning with the data
 retried in the background, and any other failure inside it is one warning
 (:mod:`gaptrack.safety`): training goes on.
+
+**Distributed training** (:mod:`gaptrack.distribute`). Under a ``tf.distribute``
+strategy the measurements are those of each replica's shard (``batch_size`` is
+the global batch) and the tag ``gaptrack.replicas`` says how many replicas
+trained in sync. Under ``MultiWorkerMirroredStrategy`` every worker runs the
+callback, and only the chief creates the MLflow run, measures and logs; the
+other workers create nothing, send no request and measure nothing. Why not
+measure a share of the probe on each worker and all-reduce: the workers hold
+identical weights after every step (mirrored, all-reduced), and the chief's BN
+moving statistics are the ones its saved model keeps, so the chief alone
+measures what the job produced; and a collective inside a callback would hang
+the whole job the day one worker's measurement fails (a failure here is a
+warning, training goes on), where the chief measuring alone only keeps the
+others waiting at the next step's all-reduce for as long as it measures. One
+job is thus one run, every epoch logged once, with the requests of one
+process (one ``log_batch`` per epoch, plus the BN snapshot).
 """
 
 import contextlib
@@ -34,6 +50,7 @@ import keras
 
 from gaptrack import __version__, charts, keys
 from gaptrack.decompose import decompose, summarize
+from gaptrack.distribute import replication
 from gaptrack.measurement import Measurer
 from gaptrack.probe import Probe, check_positive_int
 from gaptrack.record import EpochRecord, RunHistory, loss_first, natural_order
@@ -135,6 +152,8 @@ class GapTracker(keras.callbacks.Callback):
         #: The one history: an :class:`EpochRecord` per logged step.
         self.records = []
         self._measurer = None
+        #: How the model trains (:class:`gaptrack.distribute.Replication`).
+        self.replication = None
         self._tags = {}
         self._guard = Guard()
 
@@ -151,11 +170,16 @@ class GapTracker(keras.callbacks.Callback):
         check_tracking_uri(mlflow.get_tracking_uri())  # a bad URI is refused, not warned
         self.records = []
         self._measurer = None
+        self.logger = None
         self._guard.reset()
+        self.replication = replication(self.model)
+        if not self.replication.chief:
+            return  # another worker of the job logs; see the module docstring
         if self.batch_size is None:
             self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
         self._tags = {keys.VERSION_TAG: __version__, keys.PROBE_SIZE_TAG: str(self.probe.size),
-                      keys.BATCH_SIZE_TAG: str(self.batch_size)}
+                      keys.BATCH_SIZE_TAG: str(self.batch_size),
+                      keys.REPLICAS_TAG: str(self.replication.replicas)}
         with self._guard("starting the MLflow run"):
             self.logger = RunLogger(self._given_run_id, close_timeout=self.close_timeout)
             self.logger.set_tags(self._tags)
@@ -203,7 +227,7 @@ class GapTracker(keras.callbacks.Callback):
         Returns:
             The :class:`gaptrack.record.EpochRecord` logged at this step.
         """
-        if self.logger is None and self._measurer is None:
+        if self.model is None:
             raise RuntimeError("GapTracker.log_epoch needs a model: use it as a fit() "
                                "callback or inside `with tracker.track(model):`")
         record = EpochRecord(
@@ -308,5 +332,6 @@ def _add_measurement(record, measurement):
     record.parts = decompose(record.fit, measurement.eval_train, measurement.train_mode,
                              measurement.precise_bn)
     record.noise = measurement.loss_standard_error
+    record.bn_spread = measurement.bn_spread
     record.staleness = {stats.key: stats.staleness for stats in measurement.bn
                         if all(math.isfinite(v) for v in stats.mean)}

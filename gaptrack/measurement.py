@@ -40,6 +40,7 @@ import numpy as np
 
 from gaptrack import keras_private
 from gaptrack.bn import BNStatistics, find_bn_layers
+from gaptrack.distribute import bn_spread, replication
 from gaptrack.passes import CompiledPasses
 from gaptrack.probe import Probe, check_positive_int
 
@@ -73,6 +74,9 @@ class Measurement:
         loss_standard_error: standard error of ``eval_train["loss"]`` as the mean
             of per-sample losses, ``std / sqrt(n)`` (regularisers add a constant
             and no noise); ``None`` for multi-output models.
+        bn_spread: under a strategy, how far the replicas' copies of the BN
+            moving statistics are apart (:func:`gaptrack.distribute.bn_spread`),
+            ``None`` when there are none to compare.
     """
 
     eval_train: dict
@@ -82,14 +86,22 @@ class Measurement:
     batch_size: int
     bn: list = field(default_factory=list)
     loss_standard_error: float = None
+    bn_spread: float = None
 
 
 class Measurer:
     """The four measurements of one model, epoch after epoch.
 
+    Under a ``tf.distribute`` strategy (the model built in its scope), the
+    training-mode pass normalises each replica's shard of every batch as the
+    replica did, ``eval_train`` is the model that ``get_weights()`` and
+    ``save()`` hold (the first replica's BN moving statistics) and the spread
+    of the replicas' copies is measured (:mod:`gaptrack.distribute`).
+
     Args:
         model: a compiled Keras model.
-        batch_size: the training batch size (``fit``'s ``batch_size``).
+        batch_size: the training batch size (``fit``'s ``batch_size``; the
+            global batch under a strategy).
         seed: seed of the Dropout masks in the training-mode pass; the same seed
             gives the same masks, so the value is reproducible.
         inference_batch_size: batch size of the inference passes; by default as
@@ -120,6 +132,8 @@ class Measurer:
         self.inference_batch_size = inference_batch_size
         self.seed = seed
         self.bn_layers = find_bn_layers(model)
+        #: Replicas in sync, each normalising its shard of a training batch.
+        self.replicas = replication(model).replicas
         self._passes = None
         self._signature = None
 
@@ -129,7 +143,8 @@ class Measurer:
         signature = (keras_private.compile_signature(self.model),
                      tuple(bn.layer.trainable for bn in self.bn_layers))
         if signature != self._signature:
-            self._passes = CompiledPasses(self.model, self.bn_layers, self.batch_size)
+            self._passes = CompiledPasses(self.model, self.bn_layers, self.batch_size,
+                                          self.replicas)
             self._signature = signature
         return self._passes
 
@@ -239,7 +254,7 @@ class Measurer:
         return Measurement(
             eval_train=eval_train, train_mode=train_mode, precise_bn=precise_bn,
             probe_size=probe.size, batch_size=self.batch_size, bn=bn,
-            loss_standard_error=noise,
+            loss_standard_error=noise, bn_spread=bn_spread(self.model, self.bn_layers),
         )
 
 

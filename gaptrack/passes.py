@@ -26,15 +26,18 @@ class CompiledPasses:
     Args:
         model: a built, compiled Keras model.
         bn_layers: its :class:`gaptrack.bn.BNLayer` list.
-        batch_size: the training batch size.
+        batch_size: the training batch size (the global batch under a strategy).
+        replicas: replicas in sync: each normalised its shard of the batch
+            (:func:`gaptrack.bn.watch_inputs`).
     """
 
-    def __init__(self, model, bn_layers, batch_size):
+    def __init__(self, model, bn_layers, batch_size, replicas=1):
         import tensorflow as tf
 
         self.model = model
         self.bn_layers = bn_layers
         self.batch_size = batch_size
+        self.replicas = replicas
         self.seed_index = keras_private.seed_indices(model)
         position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
         self.bn_index = [(position[id(bn.layer.moving_mean)], position[id(bn.layer.moving_variance)])
@@ -49,7 +52,7 @@ class CompiledPasses:
         non_trainable = [v.value for v in model.non_trainable_variables]
         for i, seed in zip(self.seed_index, seeds):
             non_trainable[i] = seed
-        with watch_inputs(self.bn_layers) as record:
+        with watch_inputs(self.bn_layers, self.replicas) as record:
             new_nt, metric_values, _, _ = keras_private.stateless_forward(
                 model, x, y, sw, non_trainable, metric_values, training=True)
         new_sums = []

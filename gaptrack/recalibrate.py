@@ -8,6 +8,11 @@ arithmetic), computed by the very training-mode pass that
 :func:`gaptrack.measure` runs. After it, ``model.evaluate(data)`` equals the
 ``precise_bn`` value ``measure()`` reported before it. Frozen layers, weights,
 optimizer and metric state are not touched.
+
+Under a ``tf.distribute`` strategy the batch statistics are those of each
+replica's shard (:mod:`gaptrack.distribute`), and every replica's copy of the
+moving statistics is set: the replicas agree again, and ``evaluate()`` under the
+strategy no longer depends on the batch size.
 """
 
 import numpy as np
@@ -24,7 +29,8 @@ def recalibrate_bn(model, data, batch_size=32, *, probe_size=None, seed=0):
     Args:
         model: a compiled Keras model.
         data: training data, as :func:`gaptrack.measure` takes it.
-        batch_size: the training batch size (batch statistics depend on it).
+        batch_size: the training batch size (batch statistics depend on it; the
+            global batch under a strategy).
         probe_size: use at most this many samples (a seeded sample of larger data).
         seed: seed of the sample and of the Dropout masks during the pass.
 

@@ -20,9 +20,9 @@ Example:
 import math
 
 from gaptrack.diagnosis import diagnose, standard_error
+from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PROBE_SIZE_TAG, REPLICAS_TAG,
+                           WORST_LAYER_TAG, metric_key)
 from gaptrack.record import natural_order
-from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PROBE_SIZE_TAG, WORST_LAYER_TAG,
-                           metric_key)
 
 #: What each cause is, in the words of the sentence.
 _CAUSE_EXPLAINED = {
@@ -60,6 +60,17 @@ def _num(value, sign=False):
 
 def _standard_errors(z):
     return f"{z:g} standard error" + ("" if z == 1 else "s")
+
+
+def bn_spread_noise(probe_size, z):
+    """Below this ``replicas/bn_spread`` is within noise: ``z * sqrt(2 / n)``,
+    ``n`` the probe size. The probe itself pins a channel's mean down to
+    ``1 / sqrt(n)`` standard deviations and its log-variance to ``sqrt(2 / n)``
+    (the standard errors of a sample mean and of a sample log-variance): the
+    replicas' copies differing by less than the larger of the two differ by
+    less than the probe can resolve, and so matter less than its own noise.
+    Without a probe size, any spread above 0 counts."""
+    return z * math.sqrt(2.0 / probe_size) if probe_size else 0.0
 
 
 class Report:
@@ -134,9 +145,24 @@ class Report:
     @property
     def context(self):
         """Sentences that qualify the diagnosis (possibly none): BN layers that
-        are all frozen, so BN cannot explain a gap."""
+        are all frozen, so BN cannot explain a gap; replicas whose BN moving
+        statistics diverged (:func:`bn_spread_noise`)."""
         record = self._record(self.diagnosis.epoch)
         out = []
+        noise = bn_spread_noise(self.diagnosis.probe_size, self.diagnosis.z)
+        if record is not None and record.bn_spread is not None and record.bn_spread > noise:
+            replicas = self.history.tags.get(REPLICAS_TAG, "several")
+            out.append(
+                f"The {replicas} replicas' BatchNormalization moving statistics diverged: "
+                f"they differ by up to {_num(record.bn_spread)} (replicas/bn_spread, in "
+                f"standard deviations or log-ratio of scales; noise {_num(noise)}). Each replica "
+                "moved its own copy towards the statistics of its own shards, so evaluate() "
+                "under the strategy normalises each shard with another copy and depends on the "
+                "batch size, while get_weights() and save() keep the first replica's, the "
+                "model eval_train measures. Use `BatchNormalization(synchronized=True)` so "
+                "that every replica normalises with the global batch and keeps one copy, or "
+                "recompute the statistics once after training with "
+                "`gaptrack.recalibrate_bn` (it sets every replica's copy).")
         if record is not None and record.staleness and not record.precise_bn:
             n = len(record.staleness)
             out.append(
