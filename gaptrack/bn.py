@@ -107,8 +107,9 @@ def watch_inputs(bn_layers):
 
     Inside the block every listed layer's ``call`` is wrapped; each call stores
     ``(trains, mean, variance, n)`` in the returned dict under the layer's
-    ``id``: the moments of the layer's input computed exactly as the layer
-    computes them in training, and the number of samples.
+    ``id``: the moments of the layer's input as the layer takes them in
+    training (when it trains, the very moments it normalises with, not a
+    second computation of them), and the number of samples.
     Meant for use around a traced function: the tensors belong to its graph.
     """
     from keras import ops
@@ -118,15 +119,19 @@ def watch_inputs(bn_layers):
         layer = bn.layer
 
         def call(inputs, training=None, mask=None, _layer=layer, _call=layer.call):
-            x = ops.cast(inputs, "float32")
-            mean, var = keras_private.batch_moments(_layer, x, mask)
+            with keras_private.moments_taken(_layer) as taken:
+                outputs = _call(inputs, training=training, mask=mask)
+            if taken:
+                mean, var = taken[-1]
+            else:
+                mean, var = keras_private.batch_moments(_layer, ops.cast(inputs, "float32"), mask)
             record[id(_layer)] = (
-                bool(training) and _layer.trainable,
-                ops.reshape(mean, (-1,)),
-                ops.reshape(var, (-1,)),
+                bool(taken),
+                ops.reshape(ops.cast(mean, "float32"), (-1,)),
+                ops.reshape(ops.cast(var, "float32"), (-1,)),
                 ops.cast(ops.shape(inputs)[0], "float32"),
             )
-            return _call(inputs, training=training, mask=mask)
+            return outputs
 
         layer.call = call
     try:
