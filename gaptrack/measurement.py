@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gaptrack import keras_private
-from gaptrack.bn import BNStatistics, find_bn_layers
 from gaptrack import passes as compiled
+from gaptrack.bn import BNStatistics, find_bn_layers
 from gaptrack.probe import Probe, check_positive_int
 
 #: Largest batch used for the inference passes.
@@ -267,7 +267,8 @@ def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_ba
 
     What a custom training loop calls (no MLflow involved); the tracker calls
     the same code at each epoch end. See the module docstring for what each
-    value is.
+    value is. The first call on a model traces its passes; they are kept with
+    the model (:mod:`gaptrack.passes`), so later calls do not trace again.
 
     Args:
         model: a compiled Keras model (Sequential, functional or subclassed).
