@@ -8,7 +8,8 @@ start of every epoch until the parent says "go"; the parent lets one worker run
 one epoch at a time, A B C D E F A B C D E F ..., so the load of a shared machine
 falls on every variant alike. An epoch is timed inside the worker from its start to
 the start of the next one, so it includes every callback's epoch-end work. Epoch 0
-(tracing, run creation) is a warm-up and is left out of the medians.
+(tracing, run creation) is a warm-up, left out of the medians and reported apart
+(``bench_first_use.py`` measures first use on its own).
 
 - A: plain ``fit``;
 - B: ``fit`` with ``mlflow.keras.autolog(log_models=False)`` (Keras 3's autolog);
@@ -262,6 +263,15 @@ def report(results, proxy):
               f"{times}")
     print("(CPU s: median CPU time of the worker process per epoch, all threads; an epoch\n"
           " much longer than its variant's median at the usual CPU time was waiting, not working)")
+    # The warm-up epoch, left out above: tracing (fit's and the tracker's), run creation.
+    print("warm-up epoch 0: " + "  ".join(
+        f"{v} {r['warmup']['seconds']:.2f} s (CPU {r['warmup']['cpu']:.1f}"
+        + (f", measuring {r['warmup']['measure']:.2f} s" if v in "DEF" else "") + ")"
+        for v, r in results.items()))
+    if "D" in results and "C" in results:
+        d, c = results["D"]["warmup"], results["C"]["warmup"]
+        print(f"warm-up epoch D/C = {d['seconds'] / c['seconds']:.3f} "
+              f"[CPU time: {d['cpu'] / c['cpu']:.3f}]  (see bench_first_use.py)")
     print()
     for name, a, b, target in TARGETS:
         if a in median and b in median:

@@ -108,8 +108,9 @@ def watch_inputs(bn_layers, replicas=1):
 
     Inside the block every listed layer's ``call`` is wrapped; each call stores
     ``(trains, mean, variance, n)`` in the returned dict under the layer's
-    ``id``: the moments of the layer's input computed exactly as the layer
-    computes them in training, and the number of samples.
+    ``id``: the moments of the layer's input as the layer takes them in
+    training (when it trains, the very moments it normalises with, not a
+    second computation of them), and the number of samples.
 
     With ``replicas`` > 1 (training under a ``tf.distribute`` strategy, see
     :mod:`gaptrack.distribute`), a layer that trains and is not
@@ -129,10 +130,16 @@ def watch_inputs(bn_layers, replicas=1):
             trains = bool(training) and _layer.trainable
             n = ops.cast(ops.shape(inputs)[0], "float32")
             if not (trains and replicas > 1 and not _layer.synchronized):
-                mean, var = keras_private.batch_moments(_layer, ops.cast(inputs, "float32"), mask)
-                record[id(_layer)] = (trains, ops.reshape(mean, (-1,)),
-                                      ops.reshape(var, (-1,)), n)
-                return _call(inputs, training=training, mask=mask)
+                with keras_private.moments_taken(_layer) as taken:
+                    outputs = _call(inputs, training=training, mask=mask)
+                if taken:
+                    mean, var = taken[-1]
+                else:
+                    mean, var = keras_private.batch_moments(_layer, ops.cast(inputs, "float32"),
+                                                            mask)
+                record[id(_layer)] = (bool(taken), ops.reshape(ops.cast(mean, "float32"), (-1,)),
+                                      ops.reshape(ops.cast(var, "float32"), (-1,)), n)
+                return outputs
             outputs, mean_sum, var_sum, start = [], 0.0, 0.0, 0
             for size in shard_sizes(ops.shape(inputs)[0], replicas):
                 x = inputs[start:start + size]

@@ -9,6 +9,8 @@ stateless call, the per-output loss trackers, the seed generators' state, a BN
 layer's batch moments. Those are reached here and nowhere else.
 """
 
+import contextlib
+
 import numpy as np
 
 
@@ -134,6 +136,26 @@ def batch_moments(layer, x, mask):
     """A BN layer's per-channel mean and variance of ``x``, exactly as the layer
     takes them in training (biased variance, masked samples left out)."""
     return layer._moments(x, mask)
+
+
+@contextlib.contextmanager
+def moments_taken(layer):
+    """Inside the block, the ``(mean, variance)`` a BN ``layer`` takes of its
+    batch when a call normalises with batch statistics is appended to the
+    yielded list (nothing when it uses its moving statistics)."""
+    taken = []
+
+    def moments(x, mask, _moments=layer._moments):
+        mean_variance = _moments(x, mask)
+        taken.append(mean_variance)
+        return mean_variance
+
+    layer._moments = moments
+    try:
+        yield taken
+    finally:
+        # Removes the instance attribute, so the class's ``_moments`` is back.
+        object.__delattr__(layer, "_moments")
 
 
 def class_weight_to_sample_weights(y, class_weight):

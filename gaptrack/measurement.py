@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gaptrack import keras_private
+from gaptrack import passes as compiled
 from gaptrack.bn import BNStatistics, find_bn_layers
 from gaptrack.distribute import bn_spread, replication
-from gaptrack.passes import CompiledPasses
 from gaptrack.probe import Probe, check_positive_int
 
 #: Largest batch used for the inference passes.
@@ -134,19 +134,15 @@ class Measurer:
         self.bn_layers = find_bn_layers(model)
         #: Replicas in sync, each normalising its shard of a training batch.
         self.replicas = replication(model).replicas
-        self._passes = None
-        self._signature = None
 
     def _compiled(self, probe):
-        """The compiled passes, traced again when the model's state layout changed."""
+        """The model's compiled passes (:func:`gaptrack.passes.compiled_passes`),
+        traced again when its state layout changed."""
         keras_private.ensure_built(self.model, next(probe.batches(self.batch_size)))
-        signature = (keras_private.compile_signature(self.model),
-                     tuple(bn.layer.trainable for bn in self.bn_layers))
-        if signature != self._signature:
-            self._passes = CompiledPasses(self.model, self.bn_layers, self.batch_size,
-                                          self.replicas)
-            self._signature = signature
-        return self._passes
+        layout = (keras_private.compile_signature(self.model),
+                  tuple(bn.layer.trainable for bn in self.bn_layers))
+        return compiled.compiled_passes(self.model, self.bn_layers, self.batch_size, layout,
+                                        self.replicas)
 
     def _seed_values(self, passes):
         rng = np.random.default_rng(self.seed)
@@ -192,8 +188,8 @@ class Measurer:
             sums.append((tf.constant(0.0), zeros, zeros))
         logs = None
         for x, y, sw in probe.batches(self._train_chunk_size(probe)):
-            metric_values, seeds, sums, logs = passes.train_chunk(
-                x, y, sw, metric_values, seeds, sums)
+            metric_values, seeds, sums, logs = compiled.call(
+                passes.train_chunk, (x, y, sw), metric_values, seeds, sums)
         population = []
         for count, mean_sum, var_sum in sums:
             count = float(count)
@@ -226,8 +222,8 @@ class Measurer:
         eval_logs = pbn_logs = None
         moments = tuple(tf.constant(0.0, tf.float64) for _ in range(3))
         for x, y, sw in probe.batches(self._inference_batch(probe)):
-            eval_values, pbn_values, eval_logs, pbn_logs, moments = passes.infer_step(
-                x, y, sw, eval_values, pbn_values, population, moments)
+            eval_values, pbn_values, eval_logs, pbn_logs, moments = compiled.call(
+                passes.infer_step, (x, y, sw), eval_values, pbn_values, population, moments)
         return (_to_floats(eval_logs), _to_floats(pbn_logs) if population else None,
                 _standard_error(moments))
 
@@ -286,7 +282,8 @@ def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_ba
 
     What a custom training loop calls (no MLflow involved); the tracker calls
     the same code at each epoch end. See the module docstring for what each
-    value is.
+    value is. The first call on a model traces its passes; they are kept with
+    the model (:mod:`gaptrack.passes`), so later calls do not trace again.
 
     Args:
         model: a compiled Keras model (Sequential, functional or subclassed).

@@ -14,17 +14,66 @@
 
 Nothing here changes the model: every call is ``stateless_call`` on values
 (:mod:`gaptrack.keras_private`).
+
+Tracing costs more than a pass over a 6,000-sample probe, so each function is
+traced once: the passes of a model are kept (:func:`compiled_passes`) for as
+long as the model lives and its state layout stays the same, shared by every
+:class:`gaptrack.measurement.Measurer`, hence by ``measure()``, ``GapTracker``
+and ``recalibrate_bn``; and :func:`call` runs every batch, the last partial one
+included, through one trace with the batch dimension unknown, as in ``fit()``.
 """
+
+import weakref
 
 from gaptrack import keras_private
 from gaptrack.bn import watch_inputs
+
+#: ``{model: (layout signature, {training batch size: CompiledPasses})}``; an
+#: entry goes with its model (the passes hold it weakly).
+_CACHE = weakref.WeakKeyDictionary()
+
+
+def compiled_passes(model, bn_layers, batch_size, layout, replicas=1):
+    """The :class:`CompiledPasses` of ``model`` at ``batch_size``, built once.
+
+    ``layout`` is what the traces depend on besides the batch size (the
+    compiled loss, metrics and optimizer, the variables, the BN layers'
+    flags): when it changes, the model's passes are dropped and built again.
+    """
+    signature, by_batch_size = _CACHE.get(model, (None, None))
+    if signature != layout:
+        by_batch_size = {}
+        _CACHE[model] = (layout, by_batch_size)
+    if batch_size not in by_batch_size:
+        by_batch_size[batch_size] = CompiledPasses(model, bn_layers, batch_size, replicas)
+    return by_batch_size[batch_size]
+
+
+def call(function, data, *state):
+    """``function(*data, *state)`` through the trace of ``function`` whose
+    ``data`` (``x, y, sample_weight``) have an unknown batch dimension.
+
+    As in ``fit()``, the batch dimension is unknown when traced (Keras'
+    per-output loss trackers weight batches only when it is known), and one
+    trace serves every batch and chunk size: the function is traced on its
+    first call only.
+    """
+    import tensorflow as tf
+    from keras import tree
+
+    specs = tree.map_structure(
+        lambda a: None if a is None else tf.TensorSpec((None,) + tuple(a.shape[1:]),
+                                                       tf.as_dtype(a.dtype)), data)
+    return function.get_concrete_function(*specs, *state)(*data, *state)
 
 
 class CompiledPasses:
     """The traced passes for one model state layout and training batch size.
 
+    Built by :func:`compiled_passes`; run through :func:`call`.
+
     Args:
-        model: a built, compiled Keras model.
+        model: a built, compiled Keras model (held weakly).
         bn_layers: its :class:`gaptrack.bn.BNLayer` list.
         batch_size: the training batch size (the global batch under a strategy).
         replicas: replicas in sync: each normalised its shard of the batch
@@ -34,7 +83,7 @@ class CompiledPasses:
     def __init__(self, model, bn_layers, batch_size, replicas=1):
         import tensorflow as tf
 
-        self.model = model
+        self._model = weakref.ref(model)
         self.bn_layers = bn_layers
         self.batch_size = batch_size
         self.replicas = replicas
@@ -44,8 +93,16 @@ class CompiledPasses:
                          for bn in bn_layers]
         #: ``{id(layer): whether it used batch statistics}``, read while tracing.
         self.trains = {}
-        self.train_chunk = tf.function(self._train_chunk, reduce_retracing=True)
-        self.infer_step = tf.function(self._infer_step, reduce_retracing=True)
+        # No AutoGraph, as Keras' own step functions (``do_not_convert``): the
+        # loop is an explicit tf.while_loop, and converting Keras' code took
+        # half the tracing time.
+        self.train_chunk = tf.function(self._train_chunk, reduce_retracing=True, autograph=False)
+        self.infer_step = tf.function(self._infer_step, reduce_retracing=True, autograph=False)
+
+    @property
+    def model(self):
+        """The model (a weak reference: the passes do not keep it alive)."""
+        return self._model()
 
     def _train_step(self, x, y, sw, metric_values, seeds, sums):
         model = self.model
@@ -79,9 +136,6 @@ class CompiledPasses:
         def body(i, metric_values, seeds, sums):
             batch = tree.map_structure(
                 lambda a: None if a is None else a[i * b:(i + 1) * b], (x, y, sw))
-            # As in fit(), the batch dimension is unknown when traced (Keras'
-            # per-output loss trackers weight batches only when it is known).
-            batch = tree.map_structure(_relax_batch_dim, batch)
             metric_values, seeds, sums = self._train_step(*batch, metric_values, seeds, sums)
             return i + 1, metric_values, seeds, sums
 
@@ -90,10 +144,7 @@ class CompiledPasses:
         return metric_values, seeds, sums, keras_private.metrics_result(self.model, metric_values)
 
     def _infer_step(self, x, y, sw, eval_values, pbn_values, population, moments):
-        from keras import tree
-
         model = self.model
-        x, y, sw = tree.map_structure(_relax_batch_dim, (x, y, sw))
         non_trainable = [v.value for v in model.non_trainable_variables]
         _, eval_values, eval_logs, y_pred = keras_private.stateless_forward(
             model, x, y, sw, non_trainable, eval_values, training=False)
@@ -128,13 +179,3 @@ class CompiledPasses:
         return (n + ops.cast(ops.shape(values)[0], "float64"), total + ops.sum(values),
                 squares + ops.sum(values * values))
 
-
-def _relax_batch_dim(tensor):
-    if tensor is None:
-        return None
-    import tensorflow as tf
-
-    tensor = tf.convert_to_tensor(tensor)
-    if tensor.shape.rank == 0:
-        return tensor
-    return tf.raw_ops.PlaceholderWithDefault(input=tensor, shape=[None] + tensor.shape[1:])

@@ -1,5 +1,8 @@
 """measure(): eval_train, train_mode and precise_bn against independent computations."""
 
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -7,7 +10,8 @@ import tensorflow as tf
 
 import gaptrack
 from builders import all_state, blobs, mlp
-from gaptrack.measurement import MeasureError
+from gaptrack.measurement import MeasureError, Measurer
+from gaptrack.probe import Probe
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-7):
@@ -141,6 +145,30 @@ def test_measure_changes_no_state_and_dropout_is_seeded():
     assert a.train_mode == b.train_mode
     assert a.train_mode["loss"] != c.train_mode["loss"]
     assert a.eval_train == c.eval_train  # inference mode does not depend on the seed
+
+
+def test_passes_are_traced_once_per_model_and_released_with_it():
+    """Ten measure() calls, a probe of another size (other partial batches) and
+    recalibrate_bn share one trace of each pass; the passes go with the model."""
+    keras.utils.set_random_seed(5)
+    x, y = blobs(100)
+    model = mlp(bn=True, dropout=0.2)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    expected = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    first = gaptrack.measure(model, (x, y), batch_size=16, inference_batch_size=48)
+    for _ in range(9):  # 100 samples: 6 training batches of 16 and one of 4; 48, 48, 4
+        m = gaptrack.measure(model, (x, y), batch_size=16, inference_batch_size=48)
+        assert_close(m.eval_train, expected)
+        assert m.train_mode == first.train_mode and m.precise_bn == first.precise_bn
+    gaptrack.measure(model, (x[:77], y[:77]), batch_size=16, inference_batch_size=48)
+    gaptrack.recalibrate_bn(model, (x, y), batch_size=16)
+    passes = Measurer(model, 16)._compiled(Probe.from_data((x, y)))
+    assert passes.train_chunk.experimental_get_tracing_count() == 1
+    assert passes.infer_step.experimental_get_tracing_count() == 1
+    alive = weakref.ref(model)
+    del model, passes
+    gc.collect()
+    assert alive() is None
 
 
 def _bn_inputs_in_training_mode(model, x, batch_size):
