@@ -3,13 +3,20 @@ eval_train/ metrics with their logged values, and the report artifact renders
 in the artifact browser with its diagnosis, sentence and charts; a grid that the
 project's ``sweep`` ran opens, at the address the entry points print, on its
 runs by name, MLflow's comparison of two of them shows ``gap_final/loss``, and
-the parent's ranking artifact shows as a table.
+the parent's ranking artifact shows as a table. A BN model's run page opens on
+the answer: the Overview shows the report's headline as the run's description,
+the Model metrics tab starts with the ``eval_train``, ``fit`` and ``gap`` sections
+and holds BN staleness in two sections (none per layer), and the decomposition's
+step images show in an image chart whose slider steps through the epochs.
 
 Headless Debian Chromium driven by Selenium through Debian's chromedriver; no
 browser is downloaded, the profile lives in the test's tmp_path, and the only
 address it opens is the session's ``mlflow server`` on 127.0.0.1. Screenshots
 (``run_page.png``, ``report.png``, ``experiment.png``, ``compare.png``,
-``ranking_table.png``) are saved in tmp_path.
+``ranking_table.png``, ``overview_description.png``, ``model_metrics.png``,
+``model_metrics_sections.png``, ``decomposition_step0.png``,
+``decomposition_step1.png``) are saved in tmp_path; the run page's also in
+``/tmp/ui-shots``.
 """
 
 import json
@@ -196,3 +203,121 @@ def test_a_sweep_opens_on_its_runs_and_mlflow_compares_their_gap(server_uri, bro
              if e.text in children]
     assert [e.text for e in names] == ranked
     browser.save_screenshot(str(tmp_path / "ranking_table.png"))
+
+
+#: The run's description on its Overview: the markdown note, rendered.
+DESCRIPTION = ("//h4[normalize-space(text())='Description']/following-sibling::*"
+               "//*[@data-testid='note-editor-preview-content']")
+_PARAGRAPHS = "return [...arguments[0].querySelectorAll('p')].map(" \
+              "p => p.textContent.replace(/\\s+/g, ' ').trim());"
+
+SECTION_HEADER = "[data-testid='experiment-view-compare-runs-section-header']"
+IMAGE_CARD = ("//*[@data-testid='experiment-view-compare-runs-card']"
+              "[.//h4[@title='gaptrack.decomposition']]")
+
+
+def _shot(browser, tmp_path, name):
+    import shutil
+
+    browser.save_screenshot(str(tmp_path / name))
+    os.makedirs("/tmp/ui-shots", exist_ok=True)
+    shutil.copy(tmp_path / name, os.path.join("/tmp/ui-shots", name))
+
+
+def test_the_run_page_opens_on_the_answer(server_uri, browser, tmp_path):
+    """The description, the metric sections and the step images of a BN model."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    keras.utils.set_random_seed(0)
+    x, y = blobs(96)
+    tracker = gaptrack.GapTracker((x, y), batch_size=32)
+    model = mlp(bn=True, depth=3)
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[tracker])
+    run = MlflowClient().get_run(tracker.run_id)
+    run_url = f"{server_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    note = run.data.tags["mlflow.note.content"]
+    markdown = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{REPORT_DIR}/report.md")
+    sentence = markdown.split("\n\n")[2]
+    assert sentence.startswith("At epoch 2, fit() reported loss") and sentence in note
+    layers = [l.name for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(layers) == 3
+
+    # 1. the Overview shows the description, the report's sentence in it
+    browser.get(run_url)
+    box = WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.XPATH, DESCRIPTION))[0]
+    paragraphs = browser.execute_script(_PARAGRAPHS, box)
+    assert paragraphs[0] == f"gaptrack diagnosis: {run.data.tags['gaptrack.diagnosis']}"
+    assert " ".join(sentence.split()) in paragraphs
+    assert paragraphs[-1].startswith("What to do:")
+    toggle = browser.find_elements(By.CSS_SELECTOR, "[aria-label='Expand description']")
+    if toggle:  # "Show more": the whole headline, table and remedy too
+        toggle[0].click()
+    WebDriverWait(browser, WAIT).until(lambda d: all(
+        c.is_displayed() for c in box.find_elements(By.XPATH, ".//td[text()='loss'] | .//p")))
+    shown = box.find_element(By.XPATH, ".//p[starts-with(normalize-space(.), 'At epoch 2')]")
+    assert " ".join(shown.text.split()) == " ".join(sentence.split())
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})",
+                           box.find_element(By.XPATH, "ancestor::*[h4][1]"))
+    _shot(browser, tmp_path, "overview_description.png")
+
+    # 2. Model metrics: eval_train, fit, gap first; staleness in two sections after gap
+    browser.get(f"{run_url}/model-metrics")
+
+    def sections(d):
+        titles = [h.text.split("\n")[0].strip()
+                  for h in d.find_elements(By.CSS_SELECTOR, SECTION_HEADER)]
+        return "staleness/var" in titles and titles
+
+    titles = WebDriverWait(browser, WAIT, ignored_exceptions=[StaleElementReferenceException]
+                           ).until(sections)
+    assert titles[:3] == ["eval_train", "fit", "gap"], titles
+    assert titles.index("gap") < titles.index("staleness/mean") < titles.index("staleness/var")
+    assert not [t for t in titles if any(layer in t for layer in layers) or t.startswith("bn")]
+    WebDriverWait(browser, WAIT).until(  # the first section's two charts drawn
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")) >= 2)
+    _shot(browser, tmp_path, "model_metrics.png")
+
+    # 3. the decomposition's image chart, with a step slider over the 3 epochs
+    def image_card(d):  # a section's cards are drawn once it is scrolled into view
+        d.execute_script("arguments[0].scrollIntoView({block: 'start'})",
+                         d.find_elements(By.CSS_SELECTOR, SECTION_HEADER)[-1])
+        return d.find_elements(By.XPATH, IMAGE_CARD)
+
+    card = WebDriverWait(browser, WAIT, ignored_exceptions=[StaleElementReferenceException]
+                         ).until(image_card)[0]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
+
+    def image(d, step):
+        """The card's image at ``step``, once it is loaded and decoded."""
+        found = d.find_elements(By.XPATH, f"{IMAGE_CARD}//img")
+        src = found[0].get_attribute("src") if found else ""
+        decoded = found and d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth", found[0])
+        return (urllib.parse.quote(f"gaptrack.decomposition+step+{step}+") in src and decoded
+                and src)
+
+    first = WebDriverWait(browser, WAIT).until(lambda d: image(d, 0))
+    slider = browser.find_element(By.XPATH, f"{IMAGE_CARD}//*[@role='slider']")
+    assert (slider.get_attribute("aria-valuemin"), slider.get_attribute("aria-valuemax"),
+            slider.get_attribute("aria-valuenow")) == ("0", "2", "0")
+    _shot(browser, tmp_path, "decomposition_step0.png")
+    slider.send_keys(Keys.ARROW_RIGHT)
+    second = WebDriverWait(browser, WAIT).until(lambda d: image(d, 1))
+    assert second != first
+    assert browser.find_element(By.XPATH, f"{IMAGE_CARD}//*[@role='slider']"
+                                ).get_attribute("aria-valuenow") == "1"
+    _shot(browser, tmp_path, "decomposition_step1.png")
+
+    # the sections folded: their order at a glance
+    for header in browser.find_elements(By.XPATH, "//*[@role='button' and @aria-expanded='true']"
+                                                  "[.//*[@data-testid='experiment-view-compare-"
+                                                  "runs-section-header']]"):
+        browser.execute_script("arguments[0].click()", header)
+    WebDriverWait(browser, WAIT).until(lambda d: not d.find_elements(
+        By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-card']"))
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})",
+                           browser.find_elements(By.CSS_SELECTOR, SECTION_HEADER)[0])
+    _shot(browser, tmp_path, "model_metrics_sections.png")
