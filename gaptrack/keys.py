@@ -66,8 +66,9 @@ RETURNED_TAG = "gaptrack.returned_weights"
 ERROR_TAG = "gaptrack.error"
 #: Marks a run that holds a comparison of other runs (not ranked, not counted).
 REPORT_TAG = "gaptrack.report"
-#: The run description gaptrack wrote (MLflow's own tag, ``mlflow.note.content``,
-#: shows it on the run's Overview; a description the user wrote differs from it).
+#: A fingerprint of the run description gaptrack wrote (MLflow's own tag
+#: ``mlflow.note.content`` shows it on the run's Overview): a description the
+#: user wrote has another one, and is never overwritten.
 DESCRIPTION_TAG = "gaptrack.description"
 
 # -- artifacts --------------------------------------------------------------------

@@ -38,6 +38,7 @@ the server answers again, after how long.
 """
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -102,6 +103,12 @@ def step_image_name(key, step, timestamp, unique):
     """The file name ``MlflowClient.log_image(run_id, image, key=key, step=step)``
     gives a step image under ``images/`` (the UI's image charts parse it back)."""
     return f"{key.replace('/', '~')}+step+{step}+timestamp+{timestamp}+{unique}.png"
+
+
+def _digest(text):
+    """A short fingerprint of a description gaptrack wrote, kept as a tag so that
+    a later write can tell its own description from one the user wrote."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _chunks(items, size):
@@ -179,8 +186,10 @@ class Sender:
         elif kind == "description":
             tags = store.get_run(self.run_id).data.tags
             # only a note that is empty or that gaptrack wrote is replaced
-            if tags.get(MLFLOW_RUN_NOTE, "") in ("", tags.get(DESCRIPTION_TAG), op["text"]):
-                self._set_tags({MLFLOW_RUN_NOTE: op["text"], DESCRIPTION_TAG: op["text"]})
+            note = tags.get(MLFLOW_RUN_NOTE, "")
+            if not note or _digest(note) == tags.get(DESCRIPTION_TAG) or note == op["text"]:
+                self._set_tags({MLFLOW_RUN_NOTE: op["text"],
+                                DESCRIPTION_TAG: _digest(op["text"])})
         elif kind == "end":
             store.update_run_info(self.run_id, RunStatus.from_string(op["status"]),
                                   end_time=op["end_time"], run_name=None)
