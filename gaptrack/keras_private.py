@@ -130,6 +130,25 @@ def has_per_output_losses(model):
     return compile_loss is not None and bool(compile_loss.metrics)
 
 
+def loss_reductions(model):
+    """The ``reduction`` of each compiled loss (``"sum_over_batch_size"``, ``"sum"``,
+    ``"mean_with_sample_weight"``...), as a set."""
+    flat = getattr(model._compile_loss, "_flat_losses", None) or []
+    return {getattr(entry[1], "reduction", None) for entry in flat}
+
+
+def output_has_mask(model, x):
+    """Whether the model's output carries a Keras mask (``Embedding(mask_zero=True)``,
+    ``Masking``... on the output path), read from one stateless inference call on ``x``."""
+    from keras import tree
+    from keras.src.backend.common.masking import get_keras_mask
+
+    kwargs = {"training": False} if model._call_has_training_arg else {}
+    y_pred, _ = model.stateless_call([v.value for v in model.trainable_variables],
+                                     [v.value for v in model.non_trainable_variables], x, **kwargs)
+    return any(get_keras_mask(t) is not None for t in tree.flatten(y_pred))
+
+
 def batch_moments(layer, x, mask):
     """A BN layer's per-channel mean and variance of ``x``, exactly as the layer
     takes them in training (biased variance, masked samples left out)."""

@@ -28,10 +28,11 @@ per call, in a graph loop, batch after batch as separate calls would: the Python
 round trip of a call (a few ms with the metric, seed and BN-sum tensors going in
 and out) used to cost more than the forward of a small batch itself.
 
-One exception, kept so that ``eval_train`` equals ``evaluate()``: Keras averages
-the per-output losses of a multi-output model (``<output>_loss``) over batches
-*without* weighting by batch size, so for such models the inference pass runs at
-``evaluate()``'s default batch size, 32.
+The exception, kept so that ``eval_train`` equals ``evaluate()``: where the
+value Keras reports depends on how the data is cut into batches (a masked
+per-timestep loss, ``reduction="sum"``, per-output losses of a multi-output
+model; see :func:`_batching_matters`), the inference pass runs at
+``evaluate()``'s default batch size, 32 (or ``inference_batch_size``).
 """
 
 from dataclasses import dataclass, field
@@ -122,6 +123,8 @@ class Measurer:
         self.bn_layers = find_bn_layers(model)
         self._passes = None
         self._signature = None
+        #: Whether evaluate()'s value depends on its batching (:func:`_batching_matters`).
+        self._batching_matters = None
 
     def _compiled(self, probe):
         """The compiled passes, traced again when the model's state layout changed."""
@@ -131,6 +134,7 @@ class Measurer:
         if signature != self._signature:
             self._passes = CompiledPasses(self.model, self.bn_layers, self.batch_size)
             self._signature = signature
+            self._batching_matters = None
         return self._passes
 
     def _seed_values(self, passes):
@@ -142,9 +146,9 @@ class Measurer:
     def _inference_batch(self, probe):
         if self.inference_batch_size:
             return self.inference_batch_size
-        if keras_private.has_per_output_losses(self.model):
-            # Keras averages per-output losses over batches without weighting by
-            # batch size: evaluate()'s batching is needed to equal it.
+        if self._batching_matters is None:
+            self._batching_matters = _batching_matters(self.model, probe)
+        if self._batching_matters:
             return KERAS_EVALUATE_BATCH
         per_sample = _bytes_per_sample(probe)
         return max(self.batch_size, min(MAX_INFERENCE_BATCH, _INFERENCE_BATCH_BYTES // per_sample))
@@ -241,6 +245,34 @@ class Measurer:
             probe_size=probe.size, batch_size=self.batch_size, bn=bn,
             loss_standard_error=noise,
         )
+
+
+def _batching_matters(model, probe):
+    """Whether ``evaluate()``'s loss depends on how the probe is cut into batches.
+
+    Keras averages each batch's loss, weighted by the batch's size. That is the
+    mean over samples, whatever the batching, when a batch's loss is the sum of
+    its per-sample losses over the batch size (``sum_over_batch_size``, sample
+    weights included). It is not:
+
+    - when the output carries a mask (``Embedding(mask_zero=True)`` or
+      ``Masking`` on the path to a per-timestep head): a batch's loss is
+      divided by *that batch's* unmasked count;
+    - with ``reduction="sum"`` (a batch's sum), or ``"mean_with_sample_weight"``
+      with sample weights (divided by that batch's sum of weights);
+    - for per-output losses of a multi-output model (``<output>_loss``), which
+      Keras averages over batches without weighting by batch size.
+
+    Then the inference pass runs at ``evaluate()``'s default batch size, 32.
+    """
+    if keras_private.has_per_output_losses(model):
+        return True
+    reductions = keras_private.loss_reductions(model)
+    if "sum" in reductions or (probe.sample_weight is not None
+                               and "mean_with_sample_weight" in reductions):
+        return True
+    x, _, _ = next(probe.batches(1))
+    return keras_private.output_has_mask(model, x)
 
 
 def _bytes_per_sample(probe):
