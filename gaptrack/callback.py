@@ -1,7 +1,7 @@
 """``GapTracker``: the Keras callback that logs the fit/evaluate gap every epoch.
 
-At the end of every epoch (or every ``every``-th, and always the last) it
-measures the model on the probe (:mod:`gaptrack.measurement`), decomposes the gap
+At the end of every epoch (or every ``every``-th, and always the last one that
+ran, also when a callback such as ``EarlyStopping`` stopped ``fit``) it measures the model on the probe (:mod:`gaptrack.measurement`), decomposes the gap
 (:mod:`gaptrack.decompose`) and logs, at step = epoch (0-based, as Keras and
 MLflow's autolog count), in one ``log_batch`` request:
 
@@ -13,6 +13,17 @@ per measured epoch (:mod:`gaptrack.snapshots`). At train end: the summaries
 ``staleness/worst/{mean,var}``), the tags (version, diagnosis, probe and batch
 size) and the per-run report under ``gaptrack/report/`` (:mod:`gaptrack.report`).
 
+The model fit() returns: when its weights, at train end, are not those of the
+last measured epoch (``EarlyStopping(restore_best_weights=True)`` put back an
+earlier epoch's), the tracker measures them once more and logs
+``returned/<m>`` (their ``eval_train``) at the last epoch's step, with the tag
+``gaptrack.returned_weights`` (``epoch N`` when they are a measured epoch's,
+else ``restored``); the summaries and the diagnosis keep describing the
+measured epochs, and the report says which weights it describes. Keras calls
+the callbacks' ``on_train_end`` in list order and ``EarlyStopping`` restores in
+its own: put the tracker *after* it (``autolog`` does), or it measures the last
+epoch's weights as the returned ones.
+
 It keeps one history, a list of :class:`gaptrack.record.EpochRecord`, from which
 the summaries and the report are made. It does not disturb training: it
 measures statelessly (no weight, BN statistic, seed or metric variable
@@ -22,12 +33,14 @@ retried in the background, and any other failure inside it is one warning
 """
 
 import contextlib
+import hashlib
 import math
 import os
 import tempfile
 import warnings
 
 import keras
+import numpy as np
 
 from gaptrack import __version__, keys
 from gaptrack.decompose import decompose, summarize
@@ -82,7 +95,7 @@ class GapTracker(keras.callbacks.Callback):
             steps per epoch when that fits one batch size only; otherwise a
             :class:`BatchSizeWarning` says which was assumed.
         probe_size: measure on at most this many samples (default 10,000).
-        every: measure every ``every``-th epoch (and always the last);
+        every: measure every ``every``-th epoch (and always the last that ran);
             ``fit/*`` and ``val/*`` are logged every epoch.
         seed: seed of the probe sample and of the Dropout masks.
         bn_snapshots: log the per-channel BN snapshot table each measured epoch.
@@ -131,6 +144,8 @@ class GapTracker(keras.callbacks.Callback):
         #: The one history: an :class:`EpochRecord` per logged step.
         self.records = []
         self._measurer = None
+        #: ``{step: fingerprint of the weights}`` of the measured epochs.
+        self._fingerprints = {}
         self._tags = {}
         self._guard = Guard()
 
@@ -147,6 +162,7 @@ class GapTracker(keras.callbacks.Callback):
         check_tracking_uri(mlflow.get_tracking_uri())  # a bad URI is refused, not warned
         self.records = []
         self._measurer = None
+        self._fingerprints = {}
         self._guard.reset()
         if self.batch_size is None:
             self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
@@ -162,12 +178,16 @@ class GapTracker(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         epochs = (self.params or {}).get("epochs")
-        measure = epoch % self.every == 0 or (epochs is not None and epoch == epochs - 1)
+        # a callback before this one (EarlyStopping, TerminateOnNaN) may have stopped fit
+        last = (epochs is not None and epoch == epochs - 1) or getattr(self.model, "stop_training", False)
+        measure = epoch % self.every == 0 or last
         self.log_epoch(epoch, logs or {}, measure=measure)
 
     def on_train_end(self, logs=None):
         if self.logger is None:
             return
+        with self._guard("measuring the weights fit() returns"):
+            self._measure_returned()
         summaries = summarize(self.records)
         last = next((r for r in reversed(self.records) if r.staleness), None)
         worst = None
@@ -213,6 +233,7 @@ class GapTracker(keras.callbacks.Callback):
                 measurement = self._measurer.measure(self.probe)
         if measurement is not None:
             _add_measurement(record, measurement)
+            self._fingerprints[step] = _fingerprint(self.model)
         self.records.append(record)
         if self.logger is not None:
             with self._guard("logging to MLflow", kind="logging"):
@@ -222,6 +243,30 @@ class GapTracker(keras.callbacks.Callback):
                 self.logger.log_metrics(keys.epoch_metrics(record), step=step)
             self._tag_failures()
         return record
+
+    def _measure_returned(self):
+        """Measure the last epoch that ran if it was not (a callback after this one
+        stopped ``fit``), then the returned weights if they are not its."""
+        if self._measurer is None or not self.records:
+            return
+        last = self.records[-1]
+        if not last.measured:
+            _add_measurement(last, self._measurer.measure(self.probe))
+            self._fingerprints[last.step] = _fingerprint(self.model)
+            unmeasured = keys.epoch_metrics(EpochRecord(step=last.step, fit=last.fit,
+                                                        val=last.val))
+            self.logger.log_metrics({k: v for k, v in keys.epoch_metrics(last).items()
+                                     if k not in unmeasured}, step=last.step)
+        measured = max(self._fingerprints, default=None)
+        fingerprint = _fingerprint(self.model)
+        if measured is None or fingerprint == self._fingerprints[measured]:
+            return
+        last.returned = self._measurer.inference_pass(self.probe)[0]
+        self.logger.log_metrics(keys.epoch_metrics(EpochRecord(step=last.step,
+                                                               returned=last.returned)),
+                                step=last.step)
+        same = [step for step, f in self._fingerprints.items() if f == fingerprint]
+        self._tags[keys.RETURNED_TAG] = f"epoch {same[-1]}" if same else "restored"
 
     def _tag_failures(self):
         """Tag the run with what failed inside the tracker, when something did."""
@@ -280,6 +325,14 @@ class GapTracker(keras.callbacks.Callback):
             BatchSizeWarning, stacklevel=3,
         )
         return guess
+
+
+def _fingerprint(model):
+    """A digest of the model's weights (what ``get_weights``/``set_weights`` move)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def _add_measurement(record, measurement):

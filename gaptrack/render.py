@@ -45,11 +45,15 @@ class Rendering:
         return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
                         for row in cells]
 
+    def _weights(self):
+        """The line saying which weights the report describes, and a blank, if any."""
+        return [self.report.weights, ""] if self.report.weights else []
+
     def description(self):
         """The report's headline as Markdown, for the run's description: the
         diagnosis, the sentence, the table and the remedy."""
         lines = [f"**gaptrack diagnosis: `{self.report.diagnosis.cause}`**", "",
-                 self.report.sentence, "", *self._table_markdown(), "",
+                 self.report.sentence, "", *self._weights(), *self._table_markdown(), "",
                  f"**What to do:** {self.report.remedy}"]
         return "\n".join(lines) + "\n"
 
@@ -58,7 +62,7 @@ class Rendering:
         report = self.report
         lines = [f"# Why fit() and evaluate() disagree: run {report.history.run_name}", "",
                  f"**Diagnosis: `{report.diagnosis.cause}`** (run `{report.history.run_id}`)", "",
-                 report.sentence, "", f"**What to do:** {report.remedy}", "",
+                 report.sentence, "", *self._weights(), f"**What to do:** {report.remedy}", "",
                  *self._table_markdown(), "", report.note]
         if images:
             lines += ["", *(f"![{name[:-4]}]({name})" for name in self.images)]
@@ -99,6 +103,7 @@ code {{ background: #f3f3f3; padding: 0 .2rem; }} img {{ max-width: 100%; }}
 <p class="diagnosis">Diagnosis: <strong>{e(self.report.diagnosis.cause)}</strong>
  <span class="note">(run <code>{e(self.report.history.run_id)}</code>)</span></p>
 <p class="sentence">{e(self.report.sentence)}</p>
+{"".join(f'<p class="weights">{e(line)}</p>' for line in self._weights()[:1])}
 <p class="remedy"><b>What to do:</b> {_code(e(self.report.remedy))}</p>
 {table}
 <p class="note">{e(self.report.note)}</p>

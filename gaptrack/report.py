@@ -21,8 +21,8 @@ import math
 import re
 
 from gaptrack.diagnosis import diagnose, standard_error
-from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PROBE_SIZE_TAG, WORST_LAYER_TAG,
-                           metric_key)
+from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PROBE_SIZE_TAG, RETURNED_TAG,
+                           WORST_LAYER_TAG, metric_key)
 
 #: What each cause is, in the words of the sentence.
 _CAUSE_EXPLAINED = {
@@ -132,6 +132,23 @@ class Report:
         return (head + f"a gap of {_num(d.gap, sign=True)} (fit - evaluate), of which "
                 f"{d.cause}, because {_CAUSE_EXPLAINED[d.cause]}, explains {_num(part, sign=True)}{share}, "
                 f"against {others}, and {noise}.")
+
+    @property
+    def weights(self):
+        """Which weights the report describes, when ``fit()`` returned others
+        (``EarlyStopping(restore_best_weights=True)``), with evaluate() on those;
+        else ``None``."""
+        returned_as = self.history.tags.get(RETURNED_TAG)
+        record = next((r for r in reversed(self.history.records) if r.returned), None)
+        if not returned_as or record is None:
+            return None
+        m = self.diagnosis.metric
+        which = (f"the weights of {returned_as}" if returned_as.startswith("epoch")
+                 else "weights restored by a callback, which are no measured epoch's")
+        value = record.returned.get(m, math.nan)
+        return (f"This report describes the weights at the end of each measured epoch; the "
+                f"model fit() returned holds {which} (e.g. EarlyStopping(restore_best_weights"
+                f"=True)), on which evaluate() on the training data says {m} {_num(value)}.")
 
     @property
     def remedy(self):

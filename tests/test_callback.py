@@ -269,3 +269,58 @@ def test_tracking_failure_is_a_warning_and_is_retried(tmp_path, monkeypatch):
     finally:
         server.stop()
         mlflow.set_tracking_uri(None)
+
+
+def _stopper(**kwargs):
+    """EarlyStopping that finds every later epoch worse (mode "max" on a falling
+    loss): its best epoch is the first it considers, and it stops ``patience``
+    epochs later."""
+    return keras.callbacks.EarlyStopping(monitor="loss", mode="max", **kwargs)
+
+
+@pytest.mark.parametrize("every, start, returned", [(1, 0, "epoch 0"), (2, 1, "restored")])
+def test_the_weights_fit_returns_are_measured(sqlite_uri, every, start, returned):
+    """EarlyStopping(restore_best_weights=True) hands back an earlier epoch's
+    weights: returned/<m> is evaluate() of the model fit() returned, at the last
+    epoch's step, and the report says which weights it describes."""
+    keras.utils.set_random_seed(0)
+    x, y = blobs(96)
+    model = mlp(bn=True)
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, every=every)
+    stopper = _stopper(patience=2, start_from_epoch=start, restore_best_weights=True)
+    history = model.fit(x, y, batch_size=16, epochs=10, verbose=0, callbacks=[stopper, tracker])
+    last = len(history.history["loss"]) - 1
+    assert last == start + 2  # stopped early
+    client = MlflowClient()
+    logged, _ = histories(client, tracker.run_id)
+    assert max(logged["gap/loss"]) == last  # the last epoch that ran is measured
+    final = model.evaluate(x, y, verbose=0, return_dict=True)
+    for m in ("loss", "accuracy"):
+        assert list(logged[f"returned/{m}"]) == [last]
+        assert logged[f"returned/{m}"][last] == pytest.approx(final[m], rel=1e-5)
+    assert abs(logged["eval_train/loss"][last] - final["loss"]) > 1e-3  # other weights
+    if every == 1:  # the restored weights are epoch 0's, measured then too
+        assert logged["eval_train/loss"][0] == pytest.approx(final["loss"], rel=1e-5)
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["gaptrack.returned_weights"] == returned
+    report = mlflow.artifacts.load_text(f"runs:/{tracker.run_id}/gaptrack/report/report.md")
+    assert f"says loss {final['loss']:.4g}" in report
+    assert ("weights of epoch 0" if every == 1 else "no measured epoch's") in report
+
+
+def test_the_last_epoch_that_ran_is_measured_whatever_every(sqlite_uri):
+    """EarlyStopping placed after the tracker stops fit when the tracker's
+    on_epoch_end has passed: the tracker measures that epoch at train end."""
+    keras.utils.set_random_seed(0)
+    x, y = blobs(96)
+    model = mlp()
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, every=3)
+    history = model.fit(x, y, batch_size=16, epochs=10, verbose=0,
+                        callbacks=[tracker, _stopper(patience=2)])
+    assert len(history.history["loss"]) == 3
+    logged, counts = histories(MlflowClient(), tracker.run_id)
+    assert sorted(logged["gap/loss"]) == [0, 2]
+    assert counts["fit/loss"] == 3  # fit/* not logged twice
+    final = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert logged["eval_train/loss"][2] == pytest.approx(final["loss"], rel=1e-5)
+    assert "returned/loss" not in logged
