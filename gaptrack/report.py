@@ -20,9 +20,9 @@ Example:
 import math
 import re
 
-from gaptrack.diagnosis import diagnose, standard_error
-from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PROBE_SIZE_TAG, RETURNED_TAG,
-                           WORST_LAYER_TAG, metric_key)
+from gaptrack.diagnosis import diagnose, is_accuracy, standard_error
+from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PRECISE_BN, PROBE_SIZE_TAG,
+                           RETURNED_TAG, WORST_LAYER_TAG, metric_key)
 
 #: What each cause is, in the words of the sentence.
 _CAUSE_EXPLAINED = {
@@ -154,6 +154,14 @@ class Report:
     def remedy(self):
         """What to do about it (Markdown: code in backticks)."""
         d, tags = self.diagnosis, self.history.tags
+        if d.cause == "bn_ema" and not self._recalibrating_helps:
+            return (f"Do not recalibrate: on the training data the moving averages happen to do "
+                    f"better than BN statistics recomputed on it (`{metric_key(PRECISE_BN, d.metric)}` "
+                    f"{_num(d.eval_train + d.parts['bn_ema'])} against evaluate's "
+                    f"{_num(d.eval_train)}), so `gaptrack.recalibrate_bn` would make evaluate() "
+                    "worse. It means the model is not settled yet (typically barely trained, at a "
+                    "large batch): the statistics of its layers' inputs move faster than the "
+                    "moving averages follow. Train more steps; the gap shrinks as they settle.")
         if d.cause == "bn_ema":
             batch = tags.get(BATCH_SIZE_TAG, "<fit's batch_size>")
             worst = tags.get(WORST_LAYER_TAG)
@@ -174,6 +182,13 @@ class Report:
                          "rate or clip the gradients (`clipnorm=1.0` in the optimizer), and add "
                          "`keras.callbacks.TerminateOnNaN()` to stop such a run at once.",
         }[d.cause]
+
+    @property
+    def _recalibrating_helps(self):
+        """Whether PreciseBN's statistics do better on the probe than the moving
+        averages: a lower ``precise_bn`` (a higher one for an accuracy)."""
+        d = self.diagnosis
+        return d.parts["bn_ema"] > 0 if is_accuracy(d.metric) else d.parts["bn_ema"] < 0
 
     def table(self):
         """Header and rows of the table, as text cells."""
