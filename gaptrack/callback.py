@@ -87,8 +87,9 @@ class GapTracker(keras.callbacks.Callback):
     Args:
         data: the training data (as given to ``fit``, without the validation
             part): ``(x, y)``, ``(x, y, sample_weight)``, a finite
-            ``tf.data.Dataset`` of batches, or a :class:`gaptrack.probe.Probe`.
-            The probe is drawn from it once (see :mod:`gaptrack.probe`).
+            ``tf.data.Dataset`` of batches, a ``keras.utils.PyDataset``, or a
+            :class:`gaptrack.probe.Probe`. The probe is drawn from it once (see
+            :mod:`gaptrack.probe`). ``None`` logs ``fit/*`` and ``val/*`` only.
         batch_size: ``fit``'s batch size. The training-mode and PreciseBN
             measurements depend on it. When omitted it is read from a
             ``tf.data.Dataset``'s first batch, or inferred from the number of
@@ -132,8 +133,10 @@ class GapTracker(keras.callbacks.Callback):
         self.every = check_positive_int("every", every)
         self.batch_size = None if batch_size is None else check_positive_int("batch_size",
                                                                              batch_size)
-        self.probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
-        if class_weight is not None:
+        #: The probe, or ``None``: then only ``fit/*`` and ``val/*`` are logged.
+        self.probe = None if data is None else Probe.from_data(data, probe_size=probe_size,
+                                                               seed=seed)
+        if class_weight is not None and self.probe is not None:
             self.probe = self.probe.with_class_weight(class_weight)
         self.seed = seed
         self.bn_snapshots = bn_snapshots
@@ -164,13 +167,17 @@ class GapTracker(keras.callbacks.Callback):
         self._measurer = None
         self._fingerprints = {}
         self._guard.reset()
-        if self.batch_size is None:
-            self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
-        self._tags = {keys.VERSION_TAG: __version__, keys.PROBE_SIZE_TAG: str(self.probe.size),
-                      keys.BATCH_SIZE_TAG: str(self.batch_size)}
+        self._tags = {keys.VERSION_TAG: __version__}
+        if self.probe is not None:
+            if self.batch_size is None:
+                self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
+            self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
+                               keys.BATCH_SIZE_TAG: str(self.batch_size)})
         with self._guard("starting the MLflow run"):
             self.logger = RunLogger(self._given_run_id, close_timeout=self.close_timeout)
             self.logger.set_tags(self._tags)
+        if self.probe is None:
+            return
         with self._guard("preparing the measurement"):
             self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
                                       inference_batch_size=self.inference_batch_size)
