@@ -109,6 +109,11 @@ class GapTracker(keras.callbacks.Callback):
         class_weight: ``fit``'s ``class_weight``, if it has one: the probe is
             weighted as ``fit`` weights the training data, so that the
             measurements weight the samples as ``fit/loss`` does.
+        loss: for a model compiled without a loss (a ``train_step`` that
+            computes its own): that loss, as ``fn(y_true, y_pred)``, a
+            ``keras.losses.Loss`` or its name, measured as ``loss``; without it
+            only such a model's compiled metrics are measured (``fit/*`` is
+            logged either way).
 
     Example:
         >>> import mlflow, gaptrack
@@ -128,7 +133,7 @@ class GapTracker(keras.callbacks.Callback):
 
     def __init__(self, data, batch_size=None, *, probe_size=None, every=1, seed=0,
                  bn_snapshots=True, run_id=None, inference_batch_size=None,
-                 close_timeout=DEFAULT_CLOSE_TIMEOUT, class_weight=None):
+                 close_timeout=DEFAULT_CLOSE_TIMEOUT, class_weight=None, loss=None):
         super().__init__()
         self.every = check_positive_int("every", every)
         self.batch_size = None if batch_size is None else check_positive_int("batch_size",
@@ -141,6 +146,7 @@ class GapTracker(keras.callbacks.Callback):
         self.seed = seed
         self.bn_snapshots = bn_snapshots
         self.inference_batch_size = inference_batch_size
+        self.loss = loss
         self.close_timeout = close_timeout
         self._given_run_id = run_id
         self.logger = None
@@ -149,6 +155,8 @@ class GapTracker(keras.callbacks.Callback):
         self._measurer = None
         #: ``{step: fingerprint of the weights}`` of the measured epochs.
         self._fingerprints = {}
+        #: The step last measured or tried to be (a failure is not tried again).
+        self._last_attempt = None
         self._tags = {}
         self._guard = Guard()
 
@@ -166,6 +174,7 @@ class GapTracker(keras.callbacks.Callback):
         self.records = []
         self._measurer = None
         self._fingerprints = {}
+        self._last_attempt = None
         self._guard.reset()
         self._tags = {keys.VERSION_TAG: __version__}
         if self.probe is not None:
@@ -180,7 +189,8 @@ class GapTracker(keras.callbacks.Callback):
             return
         with self._guard("preparing the measurement"):
             self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
-                                      inference_batch_size=self.inference_batch_size)
+                                      inference_batch_size=self.inference_batch_size,
+                                      loss=self.loss)
         self._tag_failures()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -236,6 +246,7 @@ class GapTracker(keras.callbacks.Callback):
         )
         measurement = None
         if measure and self._measurer is not None:
+            self._last_attempt = step
             with self._guard(f"measuring epoch {step}", kind="measuring"):
                 measurement = self._measurer.measure(self.probe)
         if measurement is not None:
@@ -257,7 +268,7 @@ class GapTracker(keras.callbacks.Callback):
         if self._measurer is None or not self.records:
             return
         last = self.records[-1]
-        if not last.measured:
+        if self._last_attempt != last.step:
             _add_measurement(last, self._measurer.measure(self.probe))
             self._fingerprints[last.step] = _fingerprint(self.model)
             unmeasured = keys.epoch_metrics(EpochRecord(step=last.step, fit=last.fit,

@@ -67,13 +67,14 @@ def fresh_metric_values(model):
     return [scope.get_current_value(v) for v in variables]
 
 
-def stateless_forward(model, x, y, sw, non_trainable, metric_values, training):
+def stateless_forward(model, x, y, sw, non_trainable, metric_values, training, loss=None):
     """One batch: forward pass, loss and metric update, all stateless.
 
     Mirrors Keras' ``train_step``/``test_step`` (and JAX's stateless trainer):
     ``model.losses`` of the call are added through the trainer's override, the
     loss tracker is weighted by the batch size, ``compute_metrics`` updates the
-    compiled metrics.
+    compiled metrics. A model compiled without a loss (:func:`has_loss` false)
+    gets ``loss(y, y_pred, sample_weight)`` in its place, or none.
 
     Returns:
         ``(new non-trainable values, new metric values, logs, y_pred)``.
@@ -85,20 +86,23 @@ def stateless_forward(model, x, y, sw, non_trainable, metric_values, training):
     y_pred, new_non_trainable, losses = model.stateless_call(
         model.trainable_variables, non_trainable, x, return_losses=True, **kwargs
     )
-    if losses:
-        model._losses_override.clear()
-        model._losses_override = losses
-    try:
-        loss, (_, _, metric_values) = model.stateless_compute_loss(
-            model.trainable_variables, new_non_trainable, metric_values,
-            x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training,
-        )
-    finally:
+    if not has_loss(model):
+        loss = None if loss is None else loss(y, y_pred, sample_weight=sw)
+    else:
         if losses:
             model._losses_override.clear()
+            model._losses_override = losses
+        try:
+            loss, (_, _, metric_values) = model.stateless_compute_loss(
+                model.trainable_variables, new_non_trainable, metric_values,
+                x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training,
+            )
+        finally:
+            if losses:
+                model._losses_override.clear()
     mapping = list(zip(model.metrics_variables, metric_values))
     with StatelessScope(state_mapping=mapping) as scope:
-        if model._loss_tracker is not None:
+        if model._loss_tracker is not None and loss is not None:
             n = ops.shape(next(a for a in tree.flatten(x) if a is not None))[0]
             model._loss_tracker.update_state(loss, sample_weight=n)
         logs = model.compute_metrics(x, y, y_pred, sample_weight=sw)
@@ -114,6 +118,26 @@ def metrics_result(model, metric_values):
         return model.get_metrics_result()
 
 
+def function_loss(fn):
+    """``fn(y_true, y_pred)`` as a ``keras.losses.Loss`` (sample weights, masks and
+    the ``sum_over_batch_size`` reduction as for a function given to ``compile``)."""
+    from keras.src.losses.losses import LossFunctionWrapper
+
+    return LossFunctionWrapper(fn)
+
+
+def measured_logs(model, logs, loss):
+    """The part of ``logs`` that a model compiled without a loss had measured:
+    its compiled metrics, and ``"loss"`` when ``loss`` was given (its other
+    trackers stay at their reset values). ``logs`` as it is for other models."""
+    if has_loss(model):
+        return logs
+    names = set(model._compile_metrics.result()) if has_compiled_metrics(model) else set()
+    if loss is not None:
+        names.add("loss")
+    return {name: value for name, value in logs.items() if name in names}
+
+
 def single_loss_function(model):
     """The one compiled per-sample loss function of a single-output model
     (its ``call(y_true, y_pred)`` gives per-sample values), else ``None``."""
@@ -121,6 +145,11 @@ def single_loss_function(model):
     if len(flat) != 1 or not hasattr(flat[0][1], "call"):
         return None
     return flat[0][1]
+
+
+def has_compiled_metrics(model):
+    """Whether the model was compiled with ``metrics=`` (or ``weighted_metrics=``)."""
+    return model._compile_metrics is not None
 
 
 def has_per_output_losses(model):

@@ -95,6 +95,10 @@ class Measurer:
             gives the same masks, so the value is reproducible.
         inference_batch_size: batch size of the inference passes; by default as
             large as fits in about 64 MB of input, at most 1024.
+        loss: for a model compiled without a loss (its ``train_step`` computes
+            one): that loss, as ``fn(y_true, y_pred)``, a ``keras.losses.Loss``
+            or its name; measured as ``loss``. Without it such a model's compiled
+            metrics only are measured.
 
     Example:
         >>> measurer = Measurer(model, batch_size=32)
@@ -102,18 +106,26 @@ class Measurer:
         {'loss': 0.41, 'accuracy': 0.87}
     """
 
-    def __init__(self, model, batch_size, seed=0, inference_batch_size=None):
+    def __init__(self, model, batch_size, seed=0, inference_batch_size=None, loss=None):
         if not getattr(model, "compiled", False):
             raise MeasureError(
                 f"model {model.name!r} is not compiled; call model.compile(optimizer, "
                 "loss, metrics) first: gaptrack measures the loss and metrics it compiles"
             )
-        if not keras_private.has_loss(model):
+        if keras_private.has_loss(model) and loss is not None:
             raise MeasureError(
-                f"model {model.name!r} was compiled without a loss; gaptrack measures the "
-                "loss and metrics that fit() reports: compile with loss=... (and metrics=...)"
+                f"loss={loss!r} is for a model compiled without a loss; model {model.name!r} "
+                "has one, which gaptrack measures: leave loss out"
+            )
+        if not (keras_private.has_loss(model) or loss is not None
+                or keras_private.has_compiled_metrics(model)):
+            raise MeasureError(
+                f"model {model.name!r} was compiled without a loss or metrics, so there is "
+                "nothing to measure: pass the loss its train_step computes (loss=fn(y_true, "
+                "y_pred), a keras.losses.Loss or its name), or compile with metrics=..."
             )
         self.model = model
+        self.loss = _as_loss(loss)
         self.batch_size = check_positive_int("batch_size", batch_size, MeasureError)
         if inference_batch_size is not None:
             inference_batch_size = check_positive_int("inference_batch_size",
@@ -132,7 +144,7 @@ class Measurer:
         signature = (keras_private.compile_signature(self.model),
                      tuple(bn.layer.trainable for bn in self.bn_layers))
         if signature != self._signature:
-            self._passes = CompiledPasses(self.model, self.bn_layers, self.batch_size)
+            self._passes = CompiledPasses(self.model, self.bn_layers, self.batch_size, self.loss)
             self._signature = signature
             self._batching_matters = None
         return self._passes
@@ -189,7 +201,7 @@ class Measurer:
             population.append(
                 (mean_sum.numpy() / count, var_sum.numpy() / count) if count else None)
         trains = [passes.trains.get(id(bn.layer), False) for bn in self.bn_layers]
-        return _to_floats(logs), population, trains
+        return self._floats(logs), population, trains
 
     def inference_pass(self, probe, population=None):
         """``(eval_train, precise_bn, loss_standard_error)``.
@@ -217,8 +229,13 @@ class Measurer:
         for x, y, sw in probe.batches(self._inference_batch(probe)):
             eval_values, pbn_values, eval_logs, pbn_logs, moments = passes.infer_step(
                 x, y, sw, eval_values, pbn_values, population, moments)
-        return (_to_floats(eval_logs), _to_floats(pbn_logs) if population else None,
+        return (self._floats(eval_logs), self._floats(pbn_logs) if population else None,
                 _standard_error(moments))
+
+    def _floats(self, logs):
+        """The measured values of ``logs`` as floats."""
+        return {name: float(np.asarray(value))
+                for name, value in keras_private.measured_logs(self.model, logs, self.loss).items()}
 
     def measure(self, probe):
         """All four measurements of the model's current state on ``probe``."""
@@ -294,11 +311,22 @@ def _flat(variable):
     return np.asarray(variable.numpy(), dtype=np.float64).reshape(-1)
 
 
-def _to_floats(logs):
-    return {name: float(np.asarray(value)) for name, value in logs.items()}
+def _as_loss(loss):
+    """``loss`` as a ``keras.losses.Loss`` (``None`` stays ``None``)."""
+    import keras
+
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if loss is None or isinstance(loss, keras.losses.Loss):
+        return loss
+    if callable(loss):
+        return keras_private.function_loss(loss)
+    raise MeasureError(f"loss must be a function fn(y_true, y_pred), a keras.losses.Loss or a "
+                       f"loss name, got {loss!r}")
 
 
-def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_batch_size=None):
+def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_batch_size=None,
+            loss=None):
     """Measure one model state: ``eval_train``, ``train_mode`` and ``precise_bn``.
 
     What a custom training loop calls (no MLflow involved); the tracker calls
@@ -316,6 +344,7 @@ def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_ba
             larger data).
         seed: seed of the probe sample and of the Dropout masks.
         inference_batch_size: batch size of the inference passes.
+        loss: the loss of a model compiled without one (see :class:`Measurer`).
 
     Returns:
         A :class:`Measurement`.
@@ -326,5 +355,5 @@ def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_ba
         (0.3012, 0.3551, None)
     """
     probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
-    return Measurer(model, batch_size, seed=seed,
-                    inference_batch_size=inference_batch_size).measure(probe)
+    return Measurer(model, batch_size, seed=seed, inference_batch_size=inference_batch_size,
+                    loss=loss).measure(probe)

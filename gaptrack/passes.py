@@ -27,14 +27,17 @@ class CompiledPasses:
         model: a built, compiled Keras model.
         bn_layers: its :class:`gaptrack.bn.BNLayer` list.
         batch_size: the training batch size.
+        loss: the loss of a model compiled without one (see
+            :func:`gaptrack.keras_private.stateless_forward`), or ``None``.
     """
 
-    def __init__(self, model, bn_layers, batch_size):
+    def __init__(self, model, bn_layers, batch_size, loss=None):
         import tensorflow as tf
 
         self.model = model
         self.bn_layers = bn_layers
         self.batch_size = batch_size
+        self.loss = loss
         self.seed_index = keras_private.seed_indices(model)
         position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
         self.bn_index = [(position[id(bn.layer.moving_mean)], position[id(bn.layer.moving_variance)])
@@ -51,7 +54,7 @@ class CompiledPasses:
             non_trainable[i] = seed
         with watch_inputs(self.bn_layers) as record:
             new_nt, metric_values, _, _ = keras_private.stateless_forward(
-                model, x, y, sw, non_trainable, metric_values, training=True)
+                model, x, y, sw, non_trainable, metric_values, training=True, loss=self.loss)
         new_sums = []
         for bn, (count, mean_sum, var_sum) in zip(self.bn_layers, sums):
             if id(bn.layer) not in record:  # the layer is not on this forward path
@@ -93,7 +96,7 @@ class CompiledPasses:
         x, y, sw = tree.map_structure(_relax_batch_dim, (x, y, sw))
         non_trainable = [v.value for v in model.non_trainable_variables]
         _, eval_values, eval_logs, y_pred = keras_private.stateless_forward(
-            model, x, y, sw, non_trainable, eval_values, training=False)
+            model, x, y, sw, non_trainable, eval_values, training=False, loss=self.loss)
         moments = self._loss_moments(moments, y, y_pred, sw)
         if population is None:
             return eval_values, None, eval_logs, None, moments
@@ -102,7 +105,7 @@ class CompiledPasses:
             non_trainable[i_mean] = mean
             non_trainable[i_var] = var
         _, pbn_values, pbn_logs, _ = keras_private.stateless_forward(
-            model, x, y, sw, non_trainable, pbn_values, training=False)
+            model, x, y, sw, non_trainable, pbn_values, training=False, loss=self.loss)
         return eval_values, pbn_values, eval_logs, pbn_logs, moments
 
     def _loss_moments(self, moments, y, y_pred, sw):

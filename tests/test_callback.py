@@ -11,7 +11,7 @@ import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 import gaptrack
-from builders import blobs, mlp
+from builders import OwnStep, blobs, mlp
 from conftest import MlflowServer
 from gaptrack.callback import BatchSizeWarning, infer_batch_size
 from gaptrack.tracking import TrackingWarning
@@ -324,3 +324,28 @@ def test_the_last_epoch_that_ran_is_measured_whatever_every(sqlite_uri):
     final = model.evaluate(x, y, verbose=0, return_dict=True)
     assert logged["eval_train/loss"][2] == pytest.approx(final["loss"], rel=1e-5)
     assert "returned/loss" not in logged
+
+
+@pytest.mark.parametrize("loss", [None, keras.losses.sparse_categorical_crossentropy])
+def test_a_model_compiled_without_a_loss_is_measured(sqlite_uri, loss):
+    """fit/* logged, the compiled metrics measured, and the loss when given."""
+    keras.utils.set_random_seed(0)
+    x, y = blobs(96)
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="relu")(inp)
+    model = OwnStep(inp, keras.layers.Dense(3, activation="softmax")(h), name="own_loss",
+                    own_loss=keras.losses.sparse_categorical_crossentropy)
+    model.compile("adam", metrics=["accuracy"])
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, loss=loss, bn_snapshots=False)
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[tracker])
+    logged, _ = histories(MlflowClient(), tracker.run_id)
+    assert [logged["fit/loss"][e] for e in (0, 1)] == history.history["loss"]
+    p = model.predict(x, verbose=0)
+    assert logged["eval_train/accuracy"][1] == pytest.approx(np.mean(p.argmax(1) == y), rel=1e-6)
+    if loss is None:
+        assert not any(k.startswith(("eval_train/loss", "gap/loss")) for k in logged)
+    else:
+        expected = -np.mean(np.log(p[np.arange(len(y)), y]))
+        assert logged["eval_train/loss"][1] == pytest.approx(expected, rel=1e-5)
+        assert logged["gap/loss"][1] == pytest.approx(
+            history.history["loss"][1] - logged["eval_train/loss"][1], abs=1e-9)

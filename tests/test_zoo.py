@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gaptrack
-from builders import all_state, blobs
+from builders import OwnStep, all_state, blobs
 from gaptrack.decompose import decompose
 from gaptrack.keras_private import class_weight_to_sample_weights
 
@@ -128,31 +128,11 @@ def layer_group_norm():
     return _compile(model), (x, y), {}
 
 
-class _OwnStep(keras.Model):
-    """The Keras guide's custom ``train_step``, with ``compute_loss``."""
-
-    def train_step(self, data):
-        import tensorflow as tf
-
-        x, y = data
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
-        grads = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss)
-            else:
-                metric.update_state(y, y_pred)
-        return {m.name: m.result() for m in self.metrics}
-
-
 def custom_train_step():
     x, y = blobs(96)
     inp = keras.Input((6,))
     h = keras.layers.BatchNormalization()(keras.layers.Dense(8, activation="relu")(inp))
-    model = _OwnStep(inp, keras.layers.Dense(3, activation="softmax")(h), name="own_step")
+    model = OwnStep(inp, keras.layers.Dense(3, activation="softmax")(h), name="own_step")
     return _compile(model), (x, y), {}
 
 
