@@ -45,7 +45,7 @@ import numpy as np
 from gaptrack import __version__, keys
 from gaptrack.decompose import decompose, summarize
 from gaptrack.measurement import Measurer
-from gaptrack.probe import Probe, check_positive_int
+from gaptrack.probe import Probe, ProbeWarning, check_positive_int
 from gaptrack.record import EpochRecord, RunHistory
 from gaptrack.render import Rendering
 from gaptrack.report import build_report
@@ -180,6 +180,7 @@ class GapTracker(keras.callbacks.Callback):
         if self.probe is not None:
             if self.batch_size is None:
                 self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
+            self._check_steps((self.params or {}).get("steps"))
             self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
                                keys.BATCH_SIZE_TAG: str(self.batch_size)})
         with self._guard("starting the MLflow run"):
@@ -324,6 +325,22 @@ class GapTracker(keras.callbacks.Callback):
         finally:
             self.on_train_end()
 
+    def _check_steps(self, steps):
+        """Warn when the tracker's data has more samples than fit's steps per epoch
+        at the batch size cover: fit trains on part of it only (``validation_split``).
+        (Fewer is a sample of the training data, e.g. an explicit probe.)"""
+        if not steps or not self.probe.total or self.probe.total <= steps * self.batch_size:
+            return
+        low, high = (steps - 1) * self.batch_size + 1, steps * self.batch_size
+        warnings.warn(
+            f"gaptrack: fit() runs {steps} steps per epoch at batch_size={self.batch_size}, "
+            f"i.e. {low} to {high} samples, but the tracker was given {self.probe.total}: it "
+            "measures data fit() does not train on. With fit(validation_split=s) give it the "
+            "training part only, GapTracker((x[:n], y[:n]), ...) with n = int(len(x) * (1 - s)) "
+            "(gaptrack.autolog() does so).",
+            ProbeWarning, stacklevel=3,
+        )
+
     def _infer_batch_size(self, steps):
         if self.probe.dataset_batch_size:
             return self.probe.dataset_batch_size
@@ -334,7 +351,8 @@ class GapTracker(keras.callbacks.Callback):
                  else candidates[0])
         if candidates:
             why = (f"{self.probe.total} samples in {steps} steps fits batch sizes "
-                   f"{candidates[0]} to {candidates[-1]}")
+                   f"{candidates[0]} to {candidates[-1]} (if the data given to the tracker is "
+                   "what fit() trains on: with validation_split, give it the training part only)")
         else:
             why = "the number of training steps is not known"
         warnings.warn(

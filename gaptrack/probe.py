@@ -19,6 +19,9 @@ Which samples:
 - a ``keras.utils.PyDataset`` (indexable batches): all of it when it has at
   most ``probe_size`` samples, otherwise seeded batches, read in their order,
   up to ``probe_size`` samples;
+- a dataset whose pipeline draws random numbers (augmentation in ``map()``):
+  read as the others, with a :class:`ProbeWarning`, since the probe is then one
+  frozen random draw, not the training data;
 - an infinite dataset: an error, since no sample of it is the training set. Pass
   a finite one, e.g. ``dataset.take(n_batches)``, which is read once and kept.
 """
@@ -144,6 +147,16 @@ class Probe:
                 "probe=dataset.take(64) (64 batches, read once and kept)"
             )
         unknown = cardinality == int(tf.data.UNKNOWN_CARDINALITY)
+        random_ops = _random_ops(dataset)
+        if random_ops:
+            warnings.warn(
+                f"the probe dataset draws random numbers ({', '.join(random_ops)}), e.g. "
+                "augmentation in map(): gaptrack measures one frozen draw of it, which is "
+                "neither the data evaluate() sees nor what fit() trains on. Pass the "
+                "pipeline without its random ops as the probe, e.g. GapTracker("
+                "tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size), ...)",
+                ProbeWarning, stacklevel=3,
+            )
         rng = np.random.default_rng(seed)
         reservoir, seen, first_batch = None, 0, None
         for element in dataset.as_numpy_iterator():
@@ -233,6 +246,19 @@ def _assign(target, index, source):
     for t, s in zip(_tree().flatten(target), _tree().flatten(source)):
         if t is not None:
             t[index] = s
+
+
+def _random_ops(dataset):
+    """The random-number ops of a ``tf.data`` pipeline (in its graph and the
+    functions of its ``map()``/``filter()``...), sorted: ``RandomUniform`` of
+    ``tf.image.random_*``, ``RandomStandardNormal`` of ``tf.random.normal``, the
+    ``StatelessRandom*`` of Keras' random layers, ``RngReadAndSkip`` of a
+    ``tf.random.Generator``. ``shuffle()`` reorders without them."""
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    return sorted(op for op in ops if "Random" in op or op.startswith("Rng"))
 
 
 def _as_numpy(structure):

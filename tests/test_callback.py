@@ -101,7 +101,7 @@ def _fit(tracked, epochs=2):
         def on_epoch_end(self, epoch, logs=None):
             seen.append(dict(logs))
 
-    callbacks = [gaptrack.GapTracker((x, y), batch_size=16)] if tracked else []
+    callbacks = [gaptrack.GapTracker((x[:72], y[:72]), batch_size=16)] if tracked else []
     history = model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
                         validation_split=0.25, callbacks=callbacks + [Recorder()])
     return history.history, seen, [v.numpy() for v in model.variables]
@@ -349,3 +349,20 @@ def test_a_model_compiled_without_a_loss_is_measured(sqlite_uri, loss):
         assert logged["eval_train/loss"][1] == pytest.approx(expected, rel=1e-5)
         assert logged["gap/loss"][1] == pytest.approx(
             history.history["loss"][1] - logged["eval_train/loss"][1], abs=1e-9)
+
+
+def test_a_tracker_given_the_validation_part_too_says_so(sqlite_uri):
+    """fit(validation_split=0.2) trains on 160 of 200 samples: 8 steps of 20, not
+    the 10 the tracker's 200 samples would make."""
+    from gaptrack.probe import ProbeWarning
+
+    x, y = blobs(200)
+    with pytest.warns(ProbeWarning, match=r"8 steps per epoch at batch_size=20, i.e. 141 to 160 "
+                                          r"samples, but the tracker was given 200.*validation_split"):
+        mlp().fit(x, y, batch_size=20, epochs=1, validation_split=0.2, verbose=0,
+                  callbacks=[gaptrack.GapTracker((x, y), batch_size=20, bn_snapshots=False)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbeWarning)
+        mlp().fit(x, y, batch_size=20, epochs=1, validation_split=0.2, verbose=0,
+                  callbacks=[gaptrack.GapTracker((x[:160], y[:160]), batch_size=20,
+                                                 bn_snapshots=False)])
