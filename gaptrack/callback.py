@@ -1,8 +1,9 @@
 """``GapTracker``: the Keras callback that logs the fit/evaluate gap every epoch.
 
 At the end of every epoch (or every ``every``-th, and always the last one that
-ran, also when a callback such as ``EarlyStopping`` stopped ``fit``) it measures the model on the probe (:mod:`gaptrack.measurement`), decomposes the gap
-(:mod:`gaptrack.decompose`) and logs, at step = epoch (0-based, as Keras and
+ran, also when a callback such as ``EarlyStopping`` stopped ``fit``) it
+measures the model on the probe (:mod:`gaptrack.measurement`), decomposes the
+gap (:mod:`gaptrack.decompose`) and logs, at step = epoch (0-based, as Keras and
 MLflow's autolog count), in one ``log_batch`` request:
 
 the keys of :mod:`gaptrack.keys` (``fit/<m>``, ``val/<m>``, ``eval_train/<m>``,
@@ -186,12 +187,11 @@ class GapTracker(keras.callbacks.Callback):
         with self._guard("starting the MLflow run"):
             self.logger = RunLogger(self._given_run_id, close_timeout=self.close_timeout)
             self.logger.set_tags(self._tags)
-        if self.probe is None:
-            return
-        with self._guard("preparing the measurement"):
-            self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
-                                      inference_batch_size=self.inference_batch_size,
-                                      loss=self.loss)
+        if self.probe is not None:
+            with self._guard("preparing the measurement"):
+                self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
+                                          inference_batch_size=self.inference_batch_size,
+                                          loss=self.loss)
         self._tag_failures()
 
     def on_epoch_end(self, epoch, logs=None):

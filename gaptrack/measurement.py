@@ -159,7 +159,7 @@ class Measurer:
         if self.inference_batch_size:
             return self.inference_batch_size
         if self._batching_matters is None:
-            self._batching_matters = _batching_matters(self.model, probe)
+            self._batching_matters = _batching_matters(self.model, probe, self.loss)
         if self._batching_matters:
             return KERAS_EVALUATE_BATCH
         per_sample = _bytes_per_sample(probe)
@@ -264,7 +264,7 @@ class Measurer:
         )
 
 
-def _batching_matters(model, probe):
+def _batching_matters(model, probe, loss=None):
     """Whether ``evaluate()``'s loss depends on how the probe is cut into batches.
 
     Keras averages each batch's loss, weighted by the batch's size. That is the
@@ -281,10 +281,11 @@ def _batching_matters(model, probe):
       Keras averages over batches without weighting by batch size.
 
     Then the inference pass runs at ``evaluate()``'s default batch size, 32.
+    ``loss`` is the one given for a model compiled without a loss, if any.
     """
     if keras_private.has_per_output_losses(model):
         return True
-    reductions = keras_private.loss_reductions(model)
+    reductions = keras_private.loss_reductions(model) | {getattr(loss, "reduction", None)}
     if "sum" in reductions or (probe.sample_weight is not None
                                and "mean_with_sample_weight" in reductions):
         return True
