@@ -128,12 +128,16 @@ def function_loss(fn):
 
 def measured_logs(model, logs, loss):
     """The part of ``logs`` that a model compiled without a loss had measured:
-    its compiled metrics, and ``"loss"`` when ``loss`` was given (its other
-    trackers stay at their reset values). ``logs`` as it is for other models."""
+    its compiled metrics, and ``"loss"`` when ``loss`` was given, as far as its
+    ``metrics`` list them (a ``metrics`` property of its own replaces them with
+    trackers its ``train_step`` feeds, which stay at their reset values here).
+    ``logs`` as it is for other models."""
     if has_loss(model):
         return logs
-    names = set(model._compile_metrics.result()) if has_compiled_metrics(model) else set()
-    if loss is not None:
+    listed = {id(m) for m in model.metrics}
+    names = (set(model._compile_metrics.result())
+             if has_compiled_metrics(model) and id(model._compile_metrics) in listed else set())
+    if loss is not None and id(model._loss_tracker) in listed:
         names.add("loss")
     return {name: value for name, value in logs.items() if name in names}
 

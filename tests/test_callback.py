@@ -366,3 +366,26 @@ def test_a_tracker_given_the_validation_part_too_says_so(sqlite_uri):
         mlp().fit(x, y, batch_size=20, epochs=1, validation_split=0.2, verbose=0,
                   callbacks=[gaptrack.GapTracker((x[:160], y[:160]), batch_size=20,
                                                  bn_snapshots=False)])
+
+
+def test_own_metric_trackers_are_not_reported_as_measured(sqlite_uri):
+    """The guide's lower-level model lists its own trackers as ``metrics``: the
+    tracker cannot feed them, so it reports no number rather than their zeros."""
+
+    class OwnTrackers(OwnStep):
+        @property
+        def metrics(self):
+            return [self.tracked]
+
+    x, y = blobs(64)
+    inp = keras.Input((6,))
+    model = OwnTrackers(inp, keras.layers.Dense(3, activation="softmax")(inp), name="own",
+                        own_loss=keras.losses.sparse_categorical_crossentropy)
+    model.tracked = keras.metrics.Mean(name="loss")
+    model.compile("adam")
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, bn_snapshots=False,
+                                  loss=keras.losses.sparse_categorical_crossentropy)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[tracker])
+    logged, _ = histories(MlflowClient(), tracker.run_id)
+    assert logged["fit/loss"][0] == history.history["loss"][0]
+    assert not any(k.startswith(("eval_train/", "gap")) for k in logged)
