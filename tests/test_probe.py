@@ -365,10 +365,10 @@ def test_a_pipeline_with_random_ops_is_named_and_a_clean_one_is_not():
         with pytest.warns(ProbeWarning, match=f"draws random numbers .*{op}.*pipeline without"):
             probe = Probe.from_data(dataset)
         assert probe.size == 32
-    # what the warning is about: two reads of the pipeline differ, and neither is x
-    first, second = (np.concatenate([a for a, _ in augmented["RandomStandardNormal"]])
-                     for _ in range(2))
-    assert not np.array_equal(first, second) and not np.array_equal(first, x)
+    # what the warning is about: the probe is not the training data (two reads of the
+    # pipeline may even agree, under a global seed: the graph is what tells)
+    with pytest.warns(ProbeWarning):
+        assert not np.allclose(Probe.from_data(augmented["RandomStandardNormal"]).x, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for clean in (base.batch(8), base.shuffle(32, seed=0).batch(8)):
