@@ -10,16 +10,22 @@ callbacks is left as it is.
 
 ``fit`` on an infinite dataset (``dataset.repeat()`` with ``steps_per_epoch``)
 has no finite training set to measure; unless a ``probe`` is given it fails
-before training starts, saying how to pass one.
+before training starts, saying how to pass one. A ``keras.utils.PyDataset`` is
+indexable: the probe is drawn from its batches. A generator (or any other
+one-shot iterator) can be read only once, by ``fit``: unless a ``probe`` is
+given, ``fit/*`` is logged without measurements, with one warning saying how to
+give one.
 """
 
+import collections.abc
 import functools
 import inspect
+import warnings
 
 import keras
 
 from gaptrack.callback import KERAS_DEFAULT_BATCH_SIZE, GapTracker
-from gaptrack.probe import ProbeError, _is_tf_dataset
+from gaptrack.probe import ProbeError, ProbeWarning, _is_py_dataset, _is_tf_dataset
 
 _original_fit = None
 _settings = {}
@@ -79,6 +85,15 @@ def _tracker_for(arguments):
     options["class_weight"] = arguments.get("class_weight") if probe is None else None
     if probe is not None:
         data = probe
+    elif _is_py_dataset(x):
+        data = x
+    elif isinstance(x, collections.abc.Iterator):
+        warnings.warn(
+            f"gaptrack.autolog: fit() was given a {type(x).__name__}, which only fit() can "
+            "read (once), so gaptrack logs fit/* and does not measure; pass a probe, e.g. "
+            "gaptrack.autolog(probe=(x_sample, y_sample)), to measure the gap",
+            ProbeWarning, stacklevel=3)
+        data = None
     elif _is_tf_dataset(x):
         import tensorflow as tf
 

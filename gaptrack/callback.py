@@ -1,8 +1,9 @@
 """``GapTracker``: the Keras callback that logs the fit/evaluate gap every epoch.
 
-At the end of every epoch (or every ``every``-th, and always the last) it
-measures the model on the probe (:mod:`gaptrack.measurement`), decomposes the gap
-(:mod:`gaptrack.decompose`) and logs, at step = epoch (0-based, as Keras and
+At the end of every epoch (or every ``every``-th, and always the last one that
+ran, also when a callback such as ``EarlyStopping`` stopped ``fit``) it
+measures the model on the probe (:mod:`gaptrack.measurement`), decomposes the
+gap (:mod:`gaptrack.decompose`) and logs, at step = epoch (0-based, as Keras and
 MLflow's autolog count), in one ``log_batch`` request:
 
 the keys of :mod:`gaptrack.keys` (``fit/<m>``, ``val/<m>``, ``eval_train/<m>``,
@@ -12,6 +13,17 @@ per measured epoch (:mod:`gaptrack.snapshots`). At train end: the summaries
 (``gap_final/<m>``, ``gap_max_abs/<m>``, ``gap_mean_abs/<m>``,
 ``staleness/worst/{mean,var}``), the tags (version, diagnosis, probe and batch
 size) and the per-run report under ``gaptrack/report/`` (:mod:`gaptrack.report`).
+
+The model fit() returns: when its weights, at train end, are not those of the
+last measured epoch (``EarlyStopping(restore_best_weights=True)`` put back an
+earlier epoch's), the tracker measures them once more and logs
+``returned/<m>`` (their ``eval_train``) at the last epoch's step, with the tag
+``gaptrack.returned_weights`` (``epoch N`` when they are a measured epoch's,
+else ``restored``); the summaries and the diagnosis keep describing the
+measured epochs, and the report says which weights it describes. Keras calls
+the callbacks' ``on_train_end`` in list order and ``EarlyStopping`` restores in
+its own: put the tracker *after* it (``autolog`` does), or it measures the last
+epoch's weights as the returned ones.
 
 It keeps one history, a list of :class:`gaptrack.record.EpochRecord`, from which
 the summaries and the report are made. Each measured epoch also logs two step
@@ -41,18 +53,20 @@ process (one ``log_batch`` per epoch, plus the BN snapshot).
 """
 
 import contextlib
+import hashlib
 import math
 import os
 import tempfile
 import warnings
 
 import keras
+import numpy as np
 
 from gaptrack import __version__, charts, keys
 from gaptrack.decompose import decompose, summarize
 from gaptrack.distribute import replication
 from gaptrack.measurement import Measurer
-from gaptrack.probe import Probe, check_positive_int
+from gaptrack.probe import Probe, ProbeWarning, check_positive_int
 from gaptrack.record import EpochRecord, RunHistory, loss_first, natural_order
 from gaptrack.render import Rendering
 from gaptrack.report import build_report
@@ -95,15 +109,16 @@ class GapTracker(keras.callbacks.Callback):
     Args:
         data: the training data (as given to ``fit``, without the validation
             part): ``(x, y)``, ``(x, y, sample_weight)``, a finite
-            ``tf.data.Dataset`` of batches, or a :class:`gaptrack.probe.Probe`.
-            The probe is drawn from it once (see :mod:`gaptrack.probe`).
+            ``tf.data.Dataset`` of batches, a ``keras.utils.PyDataset``, or a
+            :class:`gaptrack.probe.Probe`. The probe is drawn from it once (see
+            :mod:`gaptrack.probe`). ``None`` logs ``fit/*`` and ``val/*`` only.
         batch_size: ``fit``'s batch size. The training-mode and PreciseBN
             measurements depend on it. When omitted it is read from a
             ``tf.data.Dataset``'s first batch, or inferred from the number of
             steps per epoch when that fits one batch size only; otherwise a
             :class:`BatchSizeWarning` says which was assumed.
         probe_size: measure on at most this many samples (default 10,000).
-        every: measure every ``every``-th epoch (and always the last);
+        every: measure every ``every``-th epoch (and always the last that ran);
             ``fit/*`` and ``val/*`` are logged every epoch.
         seed: seed of the probe sample and of the Dropout masks.
         bn_snapshots: log the per-channel BN snapshot table each measured epoch.
@@ -116,6 +131,11 @@ class GapTracker(keras.callbacks.Callback):
         class_weight: ``fit``'s ``class_weight``, if it has one: the probe is
             weighted as ``fit`` weights the training data, so that the
             measurements weight the samples as ``fit/loss`` does.
+        loss: for a model compiled without a loss (a ``train_step`` that
+            computes its own): that loss, as ``fn(y_true, y_pred)``, a
+            ``keras.losses.Loss`` or its name, measured as ``loss``; without it
+            only such a model's compiled metrics are measured (``fit/*`` is
+            logged either way).
 
     Example:
         >>> import mlflow, gaptrack
@@ -135,17 +155,20 @@ class GapTracker(keras.callbacks.Callback):
 
     def __init__(self, data, batch_size=None, *, probe_size=None, every=1, seed=0,
                  bn_snapshots=True, run_id=None, inference_batch_size=None,
-                 close_timeout=DEFAULT_CLOSE_TIMEOUT, class_weight=None):
+                 close_timeout=DEFAULT_CLOSE_TIMEOUT, class_weight=None, loss=None):
         super().__init__()
         self.every = check_positive_int("every", every)
         self.batch_size = None if batch_size is None else check_positive_int("batch_size",
                                                                              batch_size)
-        self.probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
-        if class_weight is not None:
+        #: The probe, or ``None``: then only ``fit/*`` and ``val/*`` are logged.
+        self.probe = None if data is None else Probe.from_data(data, probe_size=probe_size,
+                                                               seed=seed)
+        if class_weight is not None and self.probe is not None:
             self.probe = self.probe.with_class_weight(class_weight)
         self.seed = seed
         self.bn_snapshots = bn_snapshots
         self.inference_batch_size = inference_batch_size
+        self.loss = loss
         self.close_timeout = close_timeout
         self._given_run_id = run_id
         self.logger = None
@@ -154,6 +177,10 @@ class GapTracker(keras.callbacks.Callback):
         self._measurer = None
         #: How the model trains (:class:`gaptrack.distribute.Replication`).
         self.replication = None
+        #: ``{step: fingerprint of the weights}`` of the measured epochs.
+        self._fingerprints = {}
+        #: The step last measured or tried to be (a failure is not tried again).
+        self._last_attempt = None
         self._tags = {}
         self._guard = Guard()
 
@@ -171,31 +198,42 @@ class GapTracker(keras.callbacks.Callback):
         self.records = []
         self._measurer = None
         self.logger = None
+        self._fingerprints = {}
+        self._last_attempt = None
         self._guard.reset()
         self.replication = replication(self.model)
         if not self.replication.chief:
             return  # another worker of the job logs; see the module docstring
-        if self.batch_size is None:
-            self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
-        self._tags = {keys.VERSION_TAG: __version__, keys.PROBE_SIZE_TAG: str(self.probe.size),
-                      keys.BATCH_SIZE_TAG: str(self.batch_size),
+        self._tags = {keys.VERSION_TAG: __version__,
                       keys.REPLICAS_TAG: str(self.replication.replicas)}
+        if self.probe is not None:
+            if self.batch_size is None:
+                self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
+            self._check_steps((self.params or {}).get("steps"))
+            self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
+                               keys.BATCH_SIZE_TAG: str(self.batch_size)})
         with self._guard("starting the MLflow run"):
             self.logger = RunLogger(self._given_run_id, close_timeout=self.close_timeout)
             self.logger.set_tags(self._tags)
-        with self._guard("preparing the measurement"):
-            self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
-                                      inference_batch_size=self.inference_batch_size)
+        if self.probe is not None:
+            with self._guard("preparing the measurement"):
+                self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
+                                          inference_batch_size=self.inference_batch_size,
+                                          loss=self.loss)
         self._tag_failures()
 
     def on_epoch_end(self, epoch, logs=None):
         epochs = (self.params or {}).get("epochs")
-        measure = epoch % self.every == 0 or (epochs is not None and epoch == epochs - 1)
+        # a callback before this one (EarlyStopping, TerminateOnNaN) may have stopped fit
+        last = (epochs is not None and epoch == epochs - 1) or getattr(self.model, "stop_training", False)
+        measure = epoch % self.every == 0 or last
         self.log_epoch(epoch, logs or {}, measure=measure)
 
     def on_train_end(self, logs=None):
         if self.logger is None:
             return
+        with self._guard("measuring the weights fit() returns"):
+            self._measure_returned()
         summaries = summarize(self.records)
         last = next((r for r in reversed(self.records) if r.staleness), None)
         worst = None
@@ -237,10 +275,12 @@ class GapTracker(keras.callbacks.Callback):
         )
         measurement = None
         if measure and self._measurer is not None:
+            self._last_attempt = step
             with self._guard(f"measuring epoch {step}", kind="measuring"):
                 measurement = self._measurer.measure(self.probe)
         if measurement is not None:
             _add_measurement(record, measurement)
+            self._fingerprints[step] = _fingerprint(self.model)
         self.records.append(record)
         if self.logger is not None:
             with self._guard("logging to MLflow", kind="logging"):
@@ -263,6 +303,30 @@ class GapTracker(keras.callbacks.Callback):
         if record.staleness:
             figure = charts.epoch_staleness_figure(record, natural_order(record.staleness))
             self.logger.log_image(charts.png(figure), keys.STALENESS_IMAGE, record.step)
+
+    def _measure_returned(self):
+        """Measure the last epoch that ran if it was not (a callback after this one
+        stopped ``fit``), then the returned weights if they are not its."""
+        if self._measurer is None or not self.records:
+            return
+        last = self.records[-1]
+        if self._last_attempt != last.step:
+            _add_measurement(last, self._measurer.measure(self.probe))
+            self._fingerprints[last.step] = _fingerprint(self.model)
+            unmeasured = keys.epoch_metrics(EpochRecord(step=last.step, fit=last.fit,
+                                                        val=last.val))
+            self.logger.log_metrics({k: v for k, v in keys.epoch_metrics(last).items()
+                                     if k not in unmeasured}, step=last.step)
+        measured = max(self._fingerprints, default=None)
+        fingerprint = _fingerprint(self.model)
+        if measured is None or fingerprint == self._fingerprints[measured]:
+            return
+        last.returned = self._measurer.inference_pass(self.probe)[0]
+        self.logger.log_metrics(keys.epoch_metrics(EpochRecord(step=last.step,
+                                                               returned=last.returned)),
+                                step=last.step)
+        same = [step for step, f in self._fingerprints.items() if f == fingerprint]
+        self._tags[keys.RETURNED_TAG] = f"epoch {same[-1]}" if same else "restored"
 
     def _tag_failures(self):
         """Tag the run with what failed inside the tracker, when something did."""
@@ -303,6 +367,22 @@ class GapTracker(keras.callbacks.Callback):
         finally:
             self.on_train_end()
 
+    def _check_steps(self, steps):
+        """Warn when the tracker's data has more samples than fit's steps per epoch
+        at the batch size cover: fit trains on part of it only (``validation_split``).
+        (Fewer is a sample of the training data, e.g. an explicit probe.)"""
+        if not steps or not self.probe.total or self.probe.total <= steps * self.batch_size:
+            return
+        low, high = (steps - 1) * self.batch_size + 1, steps * self.batch_size
+        warnings.warn(
+            f"gaptrack: fit() runs {steps} steps per epoch at batch_size={self.batch_size}, "
+            f"i.e. {low} to {high} samples, but the tracker was given {self.probe.total}: it "
+            "measures data fit() does not train on. With fit(validation_split=s) give it the "
+            "training part only, GapTracker((x[:n], y[:n]), ...) with n = int(len(x) * (1 - s)) "
+            "(gaptrack.autolog() does so).",
+            ProbeWarning, stacklevel=3,
+        )
+
     def _infer_batch_size(self, steps):
         if self.probe.dataset_batch_size:
             return self.probe.dataset_batch_size
@@ -313,7 +393,8 @@ class GapTracker(keras.callbacks.Callback):
                  else candidates[0])
         if candidates:
             why = (f"{self.probe.total} samples in {steps} steps fits batch sizes "
-                   f"{candidates[0]} to {candidates[-1]}")
+                   f"{candidates[0]} to {candidates[-1]} (if the data given to the tracker is "
+                   "what fit() trains on: with validation_split, give it the training part only)")
         else:
             why = "the number of training steps is not known"
         warnings.warn(
@@ -322,6 +403,14 @@ class GapTracker(keras.callbacks.Callback):
             BatchSizeWarning, stacklevel=3,
         )
         return guess
+
+
+def _fingerprint(model):
+    """A digest of the model's weights (what ``get_weights``/``set_weights`` move)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def _add_measurement(record, measurement):

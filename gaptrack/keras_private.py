@@ -69,13 +69,14 @@ def fresh_metric_values(model):
     return [scope.get_current_value(v) for v in variables]
 
 
-def stateless_forward(model, x, y, sw, non_trainable, metric_values, training):
+def stateless_forward(model, x, y, sw, non_trainable, metric_values, training, loss=None):
     """One batch: forward pass, loss and metric update, all stateless.
 
     Mirrors Keras' ``train_step``/``test_step`` (and JAX's stateless trainer):
     ``model.losses`` of the call are added through the trainer's override, the
     loss tracker is weighted by the batch size, ``compute_metrics`` updates the
-    compiled metrics.
+    compiled metrics. A model compiled without a loss (:func:`has_loss` false)
+    gets ``loss(y, y_pred, sample_weight)`` in its place, or none.
 
     Returns:
         ``(new non-trainable values, new metric values, logs, y_pred)``.
@@ -87,20 +88,23 @@ def stateless_forward(model, x, y, sw, non_trainable, metric_values, training):
     y_pred, new_non_trainable, losses = model.stateless_call(
         model.trainable_variables, non_trainable, x, return_losses=True, **kwargs
     )
-    if losses:
-        model._losses_override.clear()
-        model._losses_override = losses
-    try:
-        loss, (_, _, metric_values) = model.stateless_compute_loss(
-            model.trainable_variables, new_non_trainable, metric_values,
-            x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training,
-        )
-    finally:
+    if not has_loss(model):
+        loss = None if loss is None else loss(y, y_pred, sample_weight=sw)
+    else:
         if losses:
             model._losses_override.clear()
+            model._losses_override = losses
+        try:
+            loss, (_, _, metric_values) = model.stateless_compute_loss(
+                model.trainable_variables, new_non_trainable, metric_values,
+                x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training,
+            )
+        finally:
+            if losses:
+                model._losses_override.clear()
     mapping = list(zip(model.metrics_variables, metric_values))
     with StatelessScope(state_mapping=mapping) as scope:
-        if model._loss_tracker is not None:
+        if model._loss_tracker is not None and loss is not None:
             n = ops.shape(next(a for a in tree.flatten(x) if a is not None))[0]
             model._loss_tracker.update_state(loss, sample_weight=n)
         logs = model.compute_metrics(x, y, y_pred, sample_weight=sw)
@@ -116,6 +120,30 @@ def metrics_result(model, metric_values):
         return model.get_metrics_result()
 
 
+def function_loss(fn):
+    """``fn(y_true, y_pred)`` as a ``keras.losses.Loss`` (sample weights, masks and
+    the ``sum_over_batch_size`` reduction as for a function given to ``compile``)."""
+    from keras.src.losses.losses import LossFunctionWrapper
+
+    return LossFunctionWrapper(fn)
+
+
+def measured_logs(model, logs, loss):
+    """The part of ``logs`` that a model compiled without a loss had measured:
+    its compiled metrics, and ``"loss"`` when ``loss`` was given, as far as its
+    ``metrics`` list them (a ``metrics`` property of its own replaces them with
+    trackers its ``train_step`` feeds, which stay at their reset values here).
+    ``logs`` as it is for other models."""
+    if has_loss(model):
+        return logs
+    listed = {id(m) for m in model.metrics}
+    names = (set(model._compile_metrics.result())
+             if has_compiled_metrics(model) and id(model._compile_metrics) in listed else set())
+    if loss is not None and id(model._loss_tracker) in listed:
+        names.add("loss")
+    return {name: value for name, value in logs.items() if name in names}
+
+
 def single_loss_function(model):
     """The one compiled per-sample loss function of a single-output model
     (its ``call(y_true, y_pred)`` gives per-sample values), else ``None``."""
@@ -125,11 +153,35 @@ def single_loss_function(model):
     return flat[0][1]
 
 
+def has_compiled_metrics(model):
+    """Whether the model was compiled with ``metrics=`` (or ``weighted_metrics=``)."""
+    return model._compile_metrics is not None
+
+
 def has_per_output_losses(model):
     """Whether Keras reports per-output losses (``<output>_loss``), which it
     averages over batches without weighting by batch size."""
     compile_loss = model._compile_loss
     return compile_loss is not None and bool(compile_loss.metrics)
+
+
+def loss_reductions(model):
+    """The ``reduction`` of each compiled loss (``"sum_over_batch_size"``, ``"sum"``,
+    ``"mean_with_sample_weight"``...), as a set."""
+    flat = getattr(model._compile_loss, "_flat_losses", None) or []
+    return {getattr(entry[1], "reduction", None) for entry in flat}
+
+
+def output_has_mask(model, x):
+    """Whether the model's output carries a Keras mask (``Embedding(mask_zero=True)``,
+    ``Masking``... on the output path), read from one stateless inference call on ``x``."""
+    from keras import tree
+    from keras.src.backend.common.masking import get_keras_mask
+
+    kwargs = {"training": False} if model._call_has_training_arg else {}
+    y_pred, _ = model.stateless_call([v.value for v in model.trainable_variables],
+                                     [v.value for v in model.non_trainable_variables], x, **kwargs)
+    return any(get_keras_mask(t) is not None for t in tree.flatten(y_pred))
 
 
 def batch_moments(layer, x, mask):

@@ -28,10 +28,11 @@ per call, in a graph loop, batch after batch as separate calls would: the Python
 round trip of a call (a few ms with the metric, seed and BN-sum tensors going in
 and out) used to cost more than the forward of a small batch itself.
 
-One exception, kept so that ``eval_train`` equals ``evaluate()``: Keras averages
-the per-output losses of a multi-output model (``<output>_loss``) over batches
-*without* weighting by batch size, so for such models the inference pass runs at
-``evaluate()``'s default batch size, 32.
+The exception, kept so that ``eval_train`` equals ``evaluate()``: where the
+value Keras reports depends on how the data is cut into batches (a masked
+per-timestep loss, ``reduction="sum"``, per-output losses of a multi-output
+model; see :func:`_batching_matters`), the inference pass runs at
+``evaluate()``'s default batch size, 32 (or ``inference_batch_size``).
 """
 
 from dataclasses import dataclass, field
@@ -106,6 +107,10 @@ class Measurer:
             gives the same masks, so the value is reproducible.
         inference_batch_size: batch size of the inference passes; by default as
             large as fits in about 64 MB of input, at most 1024.
+        loss: for a model compiled without a loss (its ``train_step`` computes
+            one): that loss, as ``fn(y_true, y_pred)``, a ``keras.losses.Loss``
+            or its name; measured as ``loss``. Without it such a model's compiled
+            metrics only are measured.
 
     Example:
         >>> measurer = Measurer(model, batch_size=32)
@@ -113,18 +118,26 @@ class Measurer:
         {'loss': 0.41, 'accuracy': 0.87}
     """
 
-    def __init__(self, model, batch_size, seed=0, inference_batch_size=None):
+    def __init__(self, model, batch_size, seed=0, inference_batch_size=None, loss=None):
         if not getattr(model, "compiled", False):
             raise MeasureError(
                 f"model {model.name!r} is not compiled; call model.compile(optimizer, "
                 "loss, metrics) first: gaptrack measures the loss and metrics it compiles"
             )
-        if not keras_private.has_loss(model):
+        if keras_private.has_loss(model) and loss is not None:
             raise MeasureError(
-                f"model {model.name!r} was compiled without a loss; gaptrack measures the "
-                "loss and metrics that fit() reports: compile with loss=... (and metrics=...)"
+                f"loss={loss!r} is for a model compiled without a loss; model {model.name!r} "
+                "has one, which gaptrack measures: leave loss out"
+            )
+        if not (keras_private.has_loss(model) or loss is not None
+                or keras_private.has_compiled_metrics(model)):
+            raise MeasureError(
+                f"model {model.name!r} was compiled without a loss or metrics, so there is "
+                "nothing to measure: pass the loss its train_step computes (loss=fn(y_true, "
+                "y_pred), a keras.losses.Loss or its name), or compile with metrics=..."
             )
         self.model = model
+        self.loss = _as_loss(loss)
         self.batch_size = check_positive_int("batch_size", batch_size, MeasureError)
         if inference_batch_size is not None:
             inference_batch_size = check_positive_int("inference_batch_size",
@@ -134,15 +147,22 @@ class Measurer:
         self.bn_layers = find_bn_layers(model)
         #: Replicas in sync, each normalising its shard of a training batch.
         self.replicas = replication(model).replicas
+        #: Whether evaluate()'s value depends on its batching (:func:`_batching_matters`),
+        #: for the layout it was found for.
+        self._batching_matters = None
+        self._layout = None
 
     def _compiled(self, probe):
         """The model's compiled passes (:func:`gaptrack.passes.compiled_passes`),
         traced again when its state layout changed."""
         keras_private.ensure_built(self.model, next(probe.batches(self.batch_size)))
         layout = (keras_private.compile_signature(self.model),
-                  tuple(bn.layer.trainable for bn in self.bn_layers))
+                  tuple(bn.layer.trainable for bn in self.bn_layers), self.loss)
+        if layout != self._layout:
+            self._layout = layout
+            self._batching_matters = None
         return compiled.compiled_passes(self.model, self.bn_layers, self.batch_size, layout,
-                                        self.replicas)
+                                        self.replicas, self.loss)
 
     def _seed_values(self, passes):
         rng = np.random.default_rng(self.seed)
@@ -153,9 +173,9 @@ class Measurer:
     def _inference_batch(self, probe):
         if self.inference_batch_size:
             return self.inference_batch_size
-        if keras_private.has_per_output_losses(self.model):
-            # Keras averages per-output losses over batches without weighting by
-            # batch size: evaluate()'s batching is needed to equal it.
+        if self._batching_matters is None:
+            self._batching_matters = _batching_matters(self.model, probe, self.loss)
+        if self._batching_matters:
             return KERAS_EVALUATE_BATCH
         per_sample = _bytes_per_sample(probe)
         return max(self.batch_size, min(MAX_INFERENCE_BATCH, _INFERENCE_BATCH_BYTES // per_sample))
@@ -196,7 +216,7 @@ class Measurer:
             population.append(
                 (mean_sum.numpy() / count, var_sum.numpy() / count) if count else None)
         trains = [passes.trains.get(id(bn.layer), False) for bn in self.bn_layers]
-        return _to_floats(logs), population, trains
+        return self._floats(logs), population, trains
 
     def inference_pass(self, probe, population=None):
         """``(eval_train, precise_bn, loss_standard_error)``.
@@ -224,8 +244,13 @@ class Measurer:
         for x, y, sw in probe.batches(self._inference_batch(probe)):
             eval_values, pbn_values, eval_logs, pbn_logs, moments = compiled.call(
                 passes.infer_step, (x, y, sw), eval_values, pbn_values, population, moments)
-        return (_to_floats(eval_logs), _to_floats(pbn_logs) if population else None,
+        return (self._floats(eval_logs), self._floats(pbn_logs) if population else None,
                 _standard_error(moments))
+
+    def _floats(self, logs):
+        """The measured values of ``logs`` as floats."""
+        return {name: float(np.asarray(value))
+                for name, value in keras_private.measured_logs(self.model, logs, self.loss).items()}
 
     def measure(self, probe):
         """All four measurements of the model's current state on ``probe``."""
@@ -254,6 +279,35 @@ class Measurer:
         )
 
 
+def _batching_matters(model, probe, loss=None):
+    """Whether ``evaluate()``'s loss depends on how the probe is cut into batches.
+
+    Keras averages each batch's loss, weighted by the batch's size. That is the
+    mean over samples, whatever the batching, when a batch's loss is the sum of
+    its per-sample losses over the batch size (``sum_over_batch_size``, sample
+    weights included). It is not:
+
+    - when the output carries a mask (``Embedding(mask_zero=True)`` or
+      ``Masking`` on the path to a per-timestep head): a batch's loss is
+      divided by *that batch's* unmasked count;
+    - with ``reduction="sum"`` (a batch's sum), or ``"mean_with_sample_weight"``
+      with sample weights (divided by that batch's sum of weights);
+    - for per-output losses of a multi-output model (``<output>_loss``), which
+      Keras averages over batches without weighting by batch size.
+
+    Then the inference pass runs at ``evaluate()``'s default batch size, 32.
+    ``loss`` is the one given for a model compiled without a loss, if any.
+    """
+    if keras_private.has_per_output_losses(model):
+        return True
+    reductions = keras_private.loss_reductions(model) | {getattr(loss, "reduction", None)}
+    if "sum" in reductions or (probe.sample_weight is not None
+                               and "mean_with_sample_weight" in reductions):
+        return True
+    x, _, _ = next(probe.batches(1))
+    return keras_private.output_has_mask(model, x)
+
+
 def _bytes_per_sample(probe):
     from keras import tree
 
@@ -273,11 +327,22 @@ def _flat(variable):
     return np.asarray(variable.numpy(), dtype=np.float64).reshape(-1)
 
 
-def _to_floats(logs):
-    return {name: float(np.asarray(value)) for name, value in logs.items()}
+def _as_loss(loss):
+    """``loss`` as a ``keras.losses.Loss`` (``None`` stays ``None``)."""
+    import keras
+
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if loss is None or isinstance(loss, keras.losses.Loss):
+        return loss
+    if callable(loss):
+        return keras_private.function_loss(loss)
+    raise MeasureError(f"loss must be a function fn(y_true, y_pred), a keras.losses.Loss or a "
+                       f"loss name, got {loss!r}")
 
 
-def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_batch_size=None):
+def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_batch_size=None,
+            loss=None):
     """Measure one model state: ``eval_train``, ``train_mode`` and ``precise_bn``.
 
     What a custom training loop calls (no MLflow involved); the tracker calls
@@ -296,6 +361,7 @@ def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_ba
             larger data).
         seed: seed of the probe sample and of the Dropout masks.
         inference_batch_size: batch size of the inference passes.
+        loss: the loss of a model compiled without one (see :class:`Measurer`).
 
     Returns:
         A :class:`Measurement`.
@@ -306,5 +372,5 @@ def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_ba
         (0.3012, 0.3551, None)
     """
     probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
-    return Measurer(model, batch_size, seed=seed,
-                    inference_batch_size=inference_batch_size).measure(probe)
+    return Measurer(model, batch_size, seed=seed, inference_batch_size=inference_batch_size,
+                    loss=loss).measure(probe)

@@ -33,7 +33,7 @@ from gaptrack.bn import watch_inputs
 _CACHE = weakref.WeakKeyDictionary()
 
 
-def compiled_passes(model, bn_layers, batch_size, layout, replicas=1):
+def compiled_passes(model, bn_layers, batch_size, layout, replicas=1, loss=None):
     """The :class:`CompiledPasses` of ``model`` at ``batch_size``, built once.
 
     ``layout`` is what the traces depend on besides the batch size (the
@@ -45,7 +45,7 @@ def compiled_passes(model, bn_layers, batch_size, layout, replicas=1):
         by_batch_size = {}
         _CACHE[model] = (layout, by_batch_size)
     if batch_size not in by_batch_size:
-        by_batch_size[batch_size] = CompiledPasses(model, bn_layers, batch_size, replicas)
+        by_batch_size[batch_size] = CompiledPasses(model, bn_layers, batch_size, replicas, loss)
     return by_batch_size[batch_size]
 
 
@@ -78,15 +78,18 @@ class CompiledPasses:
         batch_size: the training batch size (the global batch under a strategy).
         replicas: replicas in sync: each normalised its shard of the batch
             (:func:`gaptrack.bn.watch_inputs`).
+        loss: the loss of a model compiled without one (see
+            :func:`gaptrack.keras_private.stateless_forward`), or ``None``.
     """
 
-    def __init__(self, model, bn_layers, batch_size, replicas=1):
+    def __init__(self, model, bn_layers, batch_size, replicas=1, loss=None):
         import tensorflow as tf
 
         self._model = weakref.ref(model)
         self.bn_layers = bn_layers
         self.batch_size = batch_size
         self.replicas = replicas
+        self.loss = loss
         self.seed_index = keras_private.seed_indices(model)
         position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
         self.bn_index = [(position[id(bn.layer.moving_mean)], position[id(bn.layer.moving_variance)])
@@ -111,7 +114,7 @@ class CompiledPasses:
             non_trainable[i] = seed
         with watch_inputs(self.bn_layers, self.replicas) as record:
             new_nt, metric_values, _, _ = keras_private.stateless_forward(
-                model, x, y, sw, non_trainable, metric_values, training=True)
+                model, x, y, sw, non_trainable, metric_values, training=True, loss=self.loss)
         new_sums = []
         for bn, (count, mean_sum, var_sum) in zip(self.bn_layers, sums):
             if id(bn.layer) not in record:  # the layer is not on this forward path
@@ -147,7 +150,7 @@ class CompiledPasses:
         model = self.model
         non_trainable = [v.value for v in model.non_trainable_variables]
         _, eval_values, eval_logs, y_pred = keras_private.stateless_forward(
-            model, x, y, sw, non_trainable, eval_values, training=False)
+            model, x, y, sw, non_trainable, eval_values, training=False, loss=self.loss)
         moments = self._loss_moments(moments, y, y_pred, sw)
         if population is None:
             return eval_values, None, eval_logs, None, moments
@@ -156,7 +159,7 @@ class CompiledPasses:
             non_trainable[i_mean] = mean
             non_trainable[i_var] = var
         _, pbn_values, pbn_logs, _ = keras_private.stateless_forward(
-            model, x, y, sw, non_trainable, pbn_values, training=False)
+            model, x, y, sw, non_trainable, pbn_values, training=False, loss=self.loss)
         return eval_values, pbn_values, eval_logs, pbn_logs, moments
 
     def _loss_moments(self, moments, y, y_pred, sw):

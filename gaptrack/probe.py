@@ -16,6 +16,12 @@ Which samples:
   (reservoir sampling, one pass, memory ``O(probe_size)``) when larger;
 - a dataset of unknown cardinality: its first ``probe_size`` samples (reading
   on could never end);
+- a ``keras.utils.PyDataset`` (indexable batches): all of it when it has at
+  most ``probe_size`` samples, otherwise seeded batches, read in their order,
+  up to ``probe_size`` samples;
+- a dataset whose pipeline draws random numbers (augmentation in ``map()``):
+  read as the others, with a :class:`ProbeWarning`, since the probe is then one
+  frozen random draw, not the training data;
 - an infinite dataset: an error, since no sample of it is the training set. Pass
   a finite one, e.g. ``dataset.take(n_batches)``, which is read once and kept.
 """
@@ -31,6 +37,10 @@ DEFAULT_PROBE_SIZE = 10_000
 
 class ProbeError(ValueError):
     """The data cannot serve as a probe; the message says what would."""
+
+
+class ProbeWarning(UserWarning):
+    """The probe is not what ``fit`` trains on; the message says how to give one."""
 
 
 def _tree():
@@ -115,10 +125,9 @@ class Probe:
                       else check_positive_int("probe_size", probe_size, ProbeError))
         if _is_tf_dataset(data):
             return cls._from_dataset(data, probe_size, seed)
-        x, y, sw = _unpack(data)
-        x, y, sw = _tree().map_structure(
-            lambda a: a if a is None or isinstance(a, np.ndarray) else np.asarray(a), (x, y, sw)
-        )
+        if _is_py_dataset(data):
+            return cls._from_py_dataset(data, probe_size, seed)
+        x, y, sw = _as_numpy(_unpack(data))
         total = _num_samples((x, y, sw))
         if total > probe_size:
             rng = np.random.default_rng(seed)
@@ -138,6 +147,16 @@ class Probe:
                 "probe=dataset.take(64) (64 batches, read once and kept)"
             )
         unknown = cardinality == int(tf.data.UNKNOWN_CARDINALITY)
+        random_ops = _random_ops(dataset)
+        if random_ops:
+            warnings.warn(
+                f"the probe dataset draws random numbers ({', '.join(random_ops)}), e.g. "
+                "augmentation in map(): gaptrack measures one frozen draw of it, which is "
+                "neither the data evaluate() sees nor what fit() trains on. Pass the "
+                "pipeline without its random ops as the probe, e.g. GapTracker("
+                "tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size), ...)",
+                ProbeWarning, stacklevel=3,
+            )
         rng = np.random.default_rng(seed)
         reservoir, seen, first_batch = None, 0, None
         for element in dataset.as_numpy_iterator():
@@ -178,6 +197,22 @@ class Probe:
         x, y, sw = _rows(reservoir, slice(0, size))
         return cls(x, y, sw, total=None if unknown else seen, dataset_batch_size=first_batch)
 
+    @classmethod
+    def _from_py_dataset(cls, dataset, probe_size, seed):
+        n = len(dataset)
+        if not n:
+            raise ProbeError("the probe PyDataset is empty (len 0)")
+        first = _as_numpy(_unpack(dataset[0]))
+        batch = _num_samples(first)
+        wanted = min(n, -(-probe_size // batch))
+        index = np.sort(np.random.default_rng(seed).choice(n, size=wanted, replace=False))
+        batches = [first if i == 0 else _as_numpy(_unpack(dataset[int(i)])) for i in index]
+        x, y, sw = _rows(_tree().map_structure(lambda *a: None if a[0] is None
+                                               else np.concatenate(a), *batches),
+                         slice(0, probe_size))
+        total = sum(_num_samples(b) for b in batches) if wanted == n else None
+        return cls(x, y, sw, total=total, dataset_batch_size=batch)
+
     def with_class_weight(self, class_weight):
         """This probe weighted as ``fit(class_weight=class_weight)`` weights it: each
         sample's weight is its class's (1 for a class not named), as Keras derives it.
@@ -211,6 +246,30 @@ def _assign(target, index, source):
     for t, s in zip(_tree().flatten(target), _tree().flatten(source)):
         if t is not None:
             t[index] = s
+
+
+def _random_ops(dataset):
+    """The random-number ops of a ``tf.data`` pipeline (in its graph and the
+    functions of its ``map()``/``filter()``...), sorted: ``RandomUniform`` of
+    ``tf.image.random_*``, ``RandomStandardNormal`` of ``tf.random.normal``, the
+    ``StatelessRandom*`` of Keras' random layers, ``RngReadAndSkip`` of a
+    ``tf.random.Generator``. ``shuffle()`` reorders without them."""
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    return sorted(op for op in ops if "Random" in op or op.startswith("Rng"))
+
+
+def _as_numpy(structure):
+    return _tree().map_structure(
+        lambda a: a if a is None or isinstance(a, np.ndarray) else np.asarray(a), structure)
+
+
+def _is_py_dataset(data):
+    import keras
+
+    return isinstance(data, keras.utils.PyDataset)
 
 
 def _is_tf_dataset(data):

@@ -46,7 +46,10 @@ class Rendering:
                         for row in cells]
 
     def _context(self):
-        return [line for c in self.report.context for line in ("", c)]
+        """The sentences qualifying the diagnosis (which weights the report
+        describes, frozen BN, diverged replicas), each after a blank line."""
+        lines = [self.report.weights] if self.report.weights else []
+        return [line for c in [*lines, *self.report.context] for line in ("", c)]
 
     def description(self):
         """The report's headline as Markdown, for the run's description: the
@@ -102,7 +105,7 @@ code {{ background: #f3f3f3; padding: 0 .2rem; }} img {{ max-width: 100%; }}
 <p class="diagnosis">Diagnosis: <strong>{e(self.report.diagnosis.cause)}</strong>
  <span class="note">(run <code>{e(self.report.history.run_id)}</code>)</span></p>
 <p class="sentence">{e(self.report.sentence)}</p>
-{"".join(f'<p class="context">{e(c)}</p>' for c in self.report.context)}
+{"".join(f'<p class="context">{e(c)}</p>' for c in self._context() if c)}
 <p class="remedy"><b>What to do:</b> {_code(e(self.report.remedy))}</p>
 {table}
 <p class="note">{e(self.report.note)}</p>

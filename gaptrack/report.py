@@ -19,9 +19,9 @@ Example:
 
 import math
 
-from gaptrack.diagnosis import diagnose, standard_error
-from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PROBE_SIZE_TAG, REPLICAS_TAG,
-                           WORST_LAYER_TAG, metric_key)
+from gaptrack.diagnosis import diagnose, is_accuracy, standard_error
+from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PRECISE_BN, PROBE_SIZE_TAG,
+                           REPLICAS_TAG, RETURNED_TAG, WORST_LAYER_TAG, metric_key)
 from gaptrack.record import natural_order
 
 #: What each cause is, in the words of the sentence.
@@ -174,9 +174,34 @@ class Report:
         return out
 
     @property
+    def weights(self):
+        """Which weights the report describes, when ``fit()`` returned others
+        (``EarlyStopping(restore_best_weights=True)``), with evaluate() on those;
+        else ``None``."""
+        returned_as = self.history.tags.get(RETURNED_TAG)
+        record = next((r for r in reversed(self.history.records) if r.returned), None)
+        if not returned_as or record is None:
+            return None
+        m = self.diagnosis.metric
+        which = (f"the weights of {returned_as}" if returned_as.startswith("epoch")
+                 else "weights restored by a callback, which are no measured epoch's")
+        value = record.returned.get(m, math.nan)
+        return (f"This report describes the weights at the end of each measured epoch; the "
+                f"model fit() returned holds {which} (e.g. EarlyStopping(restore_best_weights"
+                f"=True)), on which evaluate() on the training data says {m} {_num(value)}.")
+
+    @property
     def remedy(self):
         """What to do about it (Markdown: code in backticks)."""
         d, tags = self.diagnosis, self.history.tags
+        if d.cause == "bn_ema" and not self._recalibrating_helps:
+            return (f"Do not recalibrate: on the training data the moving averages happen to do "
+                    f"better than BN statistics recomputed on it (`{metric_key(PRECISE_BN, d.metric)}` "
+                    f"{_num(d.eval_train + d.parts['bn_ema'])} against evaluate's "
+                    f"{_num(d.eval_train)}), so `gaptrack.recalibrate_bn` would make evaluate() "
+                    "worse. It means the model is not settled yet (typically barely trained, at a "
+                    "large batch): the statistics of its layers' inputs move faster than the "
+                    "moving averages follow. Train more steps; the gap shrinks as they settle.")
         if d.cause == "bn_ema":
             batch = tags.get(BATCH_SIZE_TAG, "<fit's batch_size>")
             worst = tags.get(WORST_LAYER_TAG)
@@ -197,6 +222,13 @@ class Report:
                          "rate or clip the gradients (`clipnorm=1.0` in the optimizer), and add "
                          "`keras.callbacks.TerminateOnNaN()` to stop such a run at once.",
         }[d.cause]
+
+    @property
+    def _recalibrating_helps(self):
+        """Whether PreciseBN's statistics do better on the probe than the moving
+        averages: a lower ``precise_bn`` (a higher one for an accuracy)."""
+        d = self.diagnosis
+        return d.parts["bn_ema"] > 0 if is_accuracy(d.metric) else d.parts["bn_ema"] < 0
 
     def table(self):
         """Header and rows of the table, as text cells."""

@@ -40,3 +40,30 @@ def all_state(model):
     if model.optimizer is not None:
         variables += list(model.optimizer.variables)
     return [np.array(v.numpy(), copy=True) for v in variables]
+
+
+class OwnStep(keras.Model):
+    """The Keras guide's custom ``train_step``: with ``compute_loss`` (a model
+    compiled with a loss), or with a loss of its own, ``own_loss(y, y_pred)``, for
+    a model compiled with an optimizer (and metrics) only."""
+
+    def __init__(self, *args, own_loss=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.own_loss = own_loss
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = (self.compute_loss(x=x, y=y, y_pred=y_pred) if self.own_loss is None
+                    else self.own_loss(y, y_pred))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred)
+        return self.get_metrics_result()

@@ -91,3 +91,60 @@ def test_class_weight_weights_the_measurements_as_fit_does(sqlite_uri, autologge
     assert metrics["eval_train/loss"] == pytest.approx(weighted["loss"], rel=1e-5)
     assert history.history["loss"][-1] == pytest.approx(weighted["loss"], rel=1e-5)
     assert abs(metrics["gap/loss"]) < 1e-5
+
+
+class Batches(keras.utils.PyDataset):
+    """``(x, y)`` in batches of ``batch_size``, indexable."""
+
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i):
+        part = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[part], self.y[part]
+
+
+@pytest.mark.parametrize("probe_size", [None, 40])
+def test_fit_on_a_py_dataset_is_measured_on_its_batches(sqlite_uri, autologged, probe_size):
+    keras.utils.set_random_seed(0)
+    x, y = blobs(100)
+    gaptrack.autolog(probe_size=probe_size)
+    model = mlp()
+    with mlflow.start_run() as run:
+        history = model.fit(Batches(x, y, 20), epochs=2, verbose=0)
+    data = MlflowClient().get_run(run.info.run_id).data
+    assert data.tags["gaptrack.batch_size"] == "20"
+    assert data.metrics["fit/loss"] == history.history["loss"][-1]
+    if probe_size is None:  # all of it
+        expected = model.evaluate(x, y, verbose=0, return_dict=True)
+        assert data.tags["gaptrack.probe_size"] == "100"
+    else:  # two seeded whole batches, in order
+        probe = gaptrack.probe.Probe.from_data(Batches(x, y, 20), probe_size=40)
+        rows = np.flatnonzero(np.isin(x[:, 0], probe.x[:, 0]))
+        assert len(rows) == 40 and np.array_equal(probe.x, x[rows])
+        assert set(rows // 20) == set(np.unique(rows // 20)) and len(set(rows // 20)) == 2
+        expected = model.evaluate(x[rows], y[rows], verbose=0, return_dict=True)
+    assert data.metrics["eval_train/loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_fit_on_a_generator_logs_fit_and_says_how_to_give_a_probe(sqlite_uri, autologged):
+    x, y = blobs(64)
+
+    def batches():
+        for _ in range(2):
+            for i in range(0, 64, 16):
+                yield x[i:i + 16], y[i:i + 16]
+
+    model = mlp()
+    with mlflow.start_run() as run, pytest.warns(gaptrack.probe.ProbeWarning) as caught:
+        history = model.fit(batches(), steps_per_epoch=4, epochs=2, verbose=0)
+    ours = [w for w in caught if issubclass(w.category, gaptrack.probe.ProbeWarning)]
+    assert len(ours) == 1 and "gaptrack.autolog(probe=" in str(ours[0].message)
+    data = MlflowClient().get_run(run.info.run_id).data
+    assert data.metrics["fit/loss"] == history.history["loss"][-1]
+    assert not any(key.startswith(("eval_train/", "gap")) for key in data.metrics)
+    assert "gaptrack.error" not in data.tags

@@ -49,8 +49,12 @@ def test_uncompiled_and_lossless_models_are_named(sqlite_uri):
         gaptrack.measure(uncompiled, (x, y))
     lossless = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
     lossless.compile("adam")  # no loss, no metrics
-    with pytest.raises(MeasureError, match="compiled without a loss; .*compile with loss="):
+    with pytest.raises(MeasureError, match="compiled without a loss or metrics, .*loss=fn"):
         gaptrack.measure(lossless, (x, y))
+    with pytest.raises(MeasureError, match="loss='mse' is for a model compiled without a loss"):
+        gaptrack.measure(mlp(), (x, y), loss="mse")
+    with pytest.raises(MeasureError, match="loss must be a function .*, got 3"):
+        gaptrack.measure(lossless, (x, y), loss=3)
 
 
 @pytest.mark.parametrize("uri", ["htp:/x", "not a uri", "http://", "sqlite://"])

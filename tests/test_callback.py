@@ -11,7 +11,7 @@ import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 import gaptrack
-from builders import blobs, mlp
+from builders import OwnStep, blobs, mlp
 from conftest import MlflowServer
 from gaptrack.callback import BatchSizeWarning, infer_batch_size
 from gaptrack.tracking import TrackingWarning
@@ -101,7 +101,7 @@ def _fit(tracked, epochs=2):
         def on_epoch_end(self, epoch, logs=None):
             seen.append(dict(logs))
 
-    callbacks = [gaptrack.GapTracker((x, y), batch_size=16)] if tracked else []
+    callbacks = [gaptrack.GapTracker((x[:72], y[:72]), batch_size=16)] if tracked else []
     history = model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
                         validation_split=0.25, callbacks=callbacks + [Recorder()])
     return history.history, seen, [v.numpy() for v in model.variables]
@@ -301,3 +301,123 @@ def test_the_run_describes_itself_and_steps_its_charts_in_the_ui(sqlite_uri):
     again = gaptrack.GapTracker((x, y), batch_size=32, run_id=tracker.run_id)
     mlp().fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[again])
     assert client.get_run(tracker.run_id).data.tags["mlflow.note.content"] == "my notes"
+
+
+def _stopper(**kwargs):
+    """EarlyStopping that finds every later epoch worse (mode "max" on a falling
+    loss): its best epoch is the first it considers, and it stops ``patience``
+    epochs later."""
+    return keras.callbacks.EarlyStopping(monitor="loss", mode="max", **kwargs)
+
+
+@pytest.mark.parametrize("every, start, returned", [(1, 0, "epoch 0"), (2, 1, "restored")])
+def test_the_weights_fit_returns_are_measured(sqlite_uri, every, start, returned):
+    """EarlyStopping(restore_best_weights=True) hands back an earlier epoch's
+    weights: returned/<m> is evaluate() of the model fit() returned, at the last
+    epoch's step, and the report says which weights it describes."""
+    keras.utils.set_random_seed(0)
+    x, y = blobs(96)
+    model = mlp(bn=True)
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, every=every)
+    stopper = _stopper(patience=2, start_from_epoch=start, restore_best_weights=True)
+    history = model.fit(x, y, batch_size=16, epochs=10, verbose=0, callbacks=[stopper, tracker])
+    last = len(history.history["loss"]) - 1
+    assert last == start + 2  # stopped early
+    client = MlflowClient()
+    logged, _ = histories(client, tracker.run_id)
+    assert max(logged["gap/loss"]) == last  # the last epoch that ran is measured
+    final = model.evaluate(x, y, verbose=0, return_dict=True)
+    for m in ("loss", "accuracy"):
+        assert list(logged[f"returned/{m}"]) == [last]
+        assert logged[f"returned/{m}"][last] == pytest.approx(final[m], rel=1e-5)
+    assert abs(logged["eval_train/loss"][last] - final["loss"]) > 1e-3  # other weights
+    if every == 1:  # the restored weights are epoch 0's, measured then too
+        assert logged["eval_train/loss"][0] == pytest.approx(final["loss"], rel=1e-5)
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["gaptrack.returned_weights"] == returned
+    report = mlflow.artifacts.load_text(f"runs:/{tracker.run_id}/gaptrack/report/report.md")
+    assert f"says loss {final['loss']:.4g}" in report
+    assert ("weights of epoch 0" if every == 1 else "no measured epoch's") in report
+
+
+def test_the_last_epoch_that_ran_is_measured_whatever_every(sqlite_uri):
+    """EarlyStopping placed after the tracker stops fit when the tracker's
+    on_epoch_end has passed: the tracker measures that epoch at train end."""
+    keras.utils.set_random_seed(0)
+    x, y = blobs(96)
+    model = mlp()
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, every=3)
+    history = model.fit(x, y, batch_size=16, epochs=10, verbose=0,
+                        callbacks=[tracker, _stopper(patience=2)])
+    assert len(history.history["loss"]) == 3
+    logged, counts = histories(MlflowClient(), tracker.run_id)
+    assert sorted(logged["gap/loss"]) == [0, 2]
+    assert counts["fit/loss"] == 3  # fit/* not logged twice
+    final = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert logged["eval_train/loss"][2] == pytest.approx(final["loss"], rel=1e-5)
+    assert "returned/loss" not in logged
+
+
+@pytest.mark.parametrize("loss", [None, keras.losses.sparse_categorical_crossentropy])
+def test_a_model_compiled_without_a_loss_is_measured(sqlite_uri, loss):
+    """fit/* logged, the compiled metrics measured, and the loss when given."""
+    keras.utils.set_random_seed(0)
+    x, y = blobs(96)
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="relu")(inp)
+    model = OwnStep(inp, keras.layers.Dense(3, activation="softmax")(h), name="own_loss",
+                    own_loss=keras.losses.sparse_categorical_crossentropy)
+    model.compile("adam", metrics=["accuracy"])
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, loss=loss, bn_snapshots=False)
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[tracker])
+    logged, _ = histories(MlflowClient(), tracker.run_id)
+    assert [logged["fit/loss"][e] for e in (0, 1)] == history.history["loss"]
+    p = model.predict(x, verbose=0)
+    assert logged["eval_train/accuracy"][1] == pytest.approx(np.mean(p.argmax(1) == y), rel=1e-6)
+    if loss is None:
+        assert not any(k.startswith(("eval_train/loss", "gap/loss")) for k in logged)
+    else:
+        expected = -np.mean(np.log(p[np.arange(len(y)), y]))
+        assert logged["eval_train/loss"][1] == pytest.approx(expected, rel=1e-5)
+        assert logged["gap/loss"][1] == pytest.approx(
+            history.history["loss"][1] - logged["eval_train/loss"][1], abs=1e-9)
+
+
+def test_a_tracker_given_the_validation_part_too_says_so(sqlite_uri):
+    """fit(validation_split=0.2) trains on 160 of 200 samples: 8 steps of 20, not
+    the 10 the tracker's 200 samples would make."""
+    from gaptrack.probe import ProbeWarning
+
+    x, y = blobs(200)
+    with pytest.warns(ProbeWarning, match=r"8 steps per epoch at batch_size=20, i.e. 141 to 160 "
+                                          r"samples, but the tracker was given 200.*validation_split"):
+        mlp().fit(x, y, batch_size=20, epochs=1, validation_split=0.2, verbose=0,
+                  callbacks=[gaptrack.GapTracker((x, y), batch_size=20, bn_snapshots=False)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbeWarning)
+        mlp().fit(x, y, batch_size=20, epochs=1, validation_split=0.2, verbose=0,
+                  callbacks=[gaptrack.GapTracker((x[:160], y[:160]), batch_size=20,
+                                                 bn_snapshots=False)])
+
+
+def test_own_metric_trackers_are_not_reported_as_measured(sqlite_uri):
+    """The guide's lower-level model lists its own trackers as ``metrics``: the
+    tracker cannot feed them, so it reports no number rather than their zeros."""
+
+    class OwnTrackers(OwnStep):
+        @property
+        def metrics(self):
+            return [self.tracked]
+
+    x, y = blobs(64)
+    inp = keras.Input((6,))
+    model = OwnTrackers(inp, keras.layers.Dense(3, activation="softmax")(inp), name="own",
+                        own_loss=keras.losses.sparse_categorical_crossentropy)
+    model.tracked = keras.metrics.Mean(name="loss")
+    model.compile("adam")
+    tracker = gaptrack.GapTracker((x, y), batch_size=16, bn_snapshots=False,
+                                  loss=keras.losses.sparse_categorical_crossentropy)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[tracker])
+    logged, _ = histories(MlflowClient(), tracker.run_id)
+    assert logged["fit/loss"][0] == history.history["loss"][0]
+    assert not any(k.startswith(("eval_train/", "gap")) for k in logged)

@@ -296,3 +296,49 @@ def test_unreachable_server_and_missing_store(tmp_path):
     with pytest.raises(CompareError, match=f"tracking store {missing} does not exist"):
         rank_runs("any", tracking_uri=missing)
     assert not (tmp_path / "none.db").exists()
+
+
+def test_per_head_metrics_of_a_multi_output_model_rank(sqlite_uri):
+    """Keras names a nested head's loss ``head/cls_loss``: real runs of a
+    multi-output model rank by it, in Python and through ``gaptrack compare``."""
+    import io
+
+    import keras
+    import mlflow
+    from click.testing import CliRunner
+
+    import gaptrack
+    from builders import blobs
+    from gaptrack.cli import main
+
+    x, y = blobs(64)
+    targets = {"head": {"cls": y, "reg": x[:, :1]}}
+    mlflow.set_experiment("heads")
+    for lr in (0.1, 0.01, 0.001):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((6,))
+        h = keras.layers.Dense(8, activation="relu")(inp)
+        model = keras.Model(inp, {"head": {
+            "cls": keras.layers.Dense(3, activation="softmax", name="cls")(h),
+            "reg": keras.layers.Dense(1, name="reg")(h)}})
+        model.compile(keras.optimizers.Adam(lr),
+                      loss={"head": {"cls": "sparse_categorical_crossentropy", "reg": "mse"}},
+                      metrics={"head": {"cls": ["accuracy"], "reg": []}})
+        tracker = gaptrack.GapTracker((x, targets), batch_size=16, bn_snapshots=False)
+        model.fit(x, targets, batch_size=16, epochs=2, verbose=0, callbacks=[tracker])
+        evaluated = model.evaluate(x, targets, verbose=0, return_dict=True)
+        logged = MlflowClient().get_run(tracker.run_id).data.metrics
+        assert logged["eval_train/head/cls_loss"] == pytest.approx(evaluated["head/cls_loss"],
+                                                                   rel=1e-5)
+    client = MlflowClient()
+    runs = client.search_runs([mlflow.get_experiment_by_name("heads").experiment_id])
+    gaps = {r.info.run_id: abs(r.data.metrics["fit/head/cls_loss"]
+                               - r.data.metrics["eval_train/head/cls_loss"]) for r in runs}
+    expected = sorted(gaps, key=lambda run_id: -gaps[run_id])
+    ranking = rank_runs("heads", metric="head/cls_loss")
+    assert list(ranking.run_id) == expected
+    assert list(ranking.gap_final.abs()) == pytest.approx([gaps[r] for r in expected], abs=1e-9)
+    result = CliRunner().invoke(main, ["compare", "-e", "heads", "-m", "head/cls_loss",
+                                       "-f", "csv", "--tracking-uri", sqlite_uri])
+    assert result.exit_code == 0, result.output
+    assert list(pd.read_csv(io.StringIO(result.stdout)).run_id) == expected

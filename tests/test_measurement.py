@@ -245,3 +245,40 @@ def test_measure_rejects_bad_input():
     infinite = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
     with pytest.raises(ValueError, match=r"infinite.*take\("):
         gaptrack.measure(model, infinite)
+
+
+def _masked_per_timestep(reduction="sum_over_batch_size"):
+    inp = keras.Input((10,))
+    h = keras.layers.Embedding(20, 4, mask_zero=True)(inp)
+    h = keras.layers.GRU(6, return_sequences=True)(keras.layers.BatchNormalization()(h))
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(reduction=reduction))
+    return model
+
+
+@pytest.mark.parametrize("case, batch", [("masked", 32), ("sum", 32), ("plain", 1024),
+                                         ("masked, inference_batch_size=50", 50)])
+def test_eval_train_follows_evaluate_where_the_batching_changes_the_loss(case, batch):
+    """A masked per-timestep loss is divided batch by batch by the batch's unmasked
+    count, a ``sum`` loss is a batch's sum: evaluate() depends on its batch size,
+    and eval_train is measured at it. Elsewhere one large batch gives the same."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 20, size=(150, 10))
+    x[np.arange(10)[None, :] >= rng.integers(2, 11, size=150)[:, None]] = 0
+    y = x % 3
+    model = _masked_per_timestep("sum" if case == "sum" else "sum_over_batch_size")
+    if case == "plain":
+        x, y = blobs(150)
+        model = mlp()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    inference = 50 if batch == 50 else None
+    m = gaptrack.measure(model, (x, y), batch_size=16, inference_batch_size=inference)
+    expected = model.evaluate(x, y, batch_size=inference, verbose=0, return_dict=True)
+    assert_close(m.eval_train, expected)
+    if case == "plain":  # the value does not depend on the batching, the large batch is kept
+        big = model.evaluate(x, y, batch_size=batch, verbose=0, return_dict=True)
+        assert_close(m.eval_train, big)
+    elif inference is None:  # the batching matters: one large batch would differ
+        whole = model.evaluate(x, y, batch_size=150, verbose=0, return_dict=True)
+        assert abs(whole["loss"] - expected["loss"]) > 1e-5 * expected["loss"]

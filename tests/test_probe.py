@@ -342,3 +342,34 @@ def test_class_weight_refusals_name_the_value():
         Probe.from_data((x, y, np.ones(4))).with_class_weight({0: 2.0})
     with pytest.raises(ProbeError, match="one output"):
         Probe.from_data((x, {"a": y, "b": y})).with_class_weight({0: 2.0})
+
+
+def test_a_pipeline_with_random_ops_is_named_and_a_clean_one_is_not():
+    """Augmentation in map() makes the probe one frozen random draw: warned, with
+    the op found in the pipeline's graph; shuffling alone is not augmentation."""
+    import keras
+
+    from gaptrack.probe import ProbeWarning
+
+    x = np.random.default_rng(0).random((32, 4, 4, 3)).astype("float32")
+    y = np.arange(32) % 3
+    base = tf.data.Dataset.from_tensor_slices((x, y))
+    flip = keras.layers.RandomFlip("horizontal", seed=1)
+    augmented = {
+        "RandomUniform": base.map(lambda a, b: (tf.image.random_flip_left_right(a), b)).batch(8),
+        "RandomStandardNormal": base.batch(8).map(
+            lambda a, b: (a + tf.random.normal(tf.shape(a)), b)),
+        "StatelessRandomUniformV2": base.batch(8).map(lambda a, b: (flip(a, training=True), b)),
+    }
+    for op, dataset in augmented.items():
+        with pytest.warns(ProbeWarning, match=f"draws random numbers .*{op}.*pipeline without"):
+            probe = Probe.from_data(dataset)
+        assert probe.size == 32
+    # what the warning is about: the probe is not the training data (two reads of the
+    # pipeline may even agree, under a global seed: the graph is what tells)
+    with pytest.warns(ProbeWarning):
+        assert not np.allclose(Probe.from_data(augmented["RandomStandardNormal"]).x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for clean in (base.batch(8), base.shuffle(32, seed=0).batch(8)):
+            assert Probe.from_data(clean).size == 32

@@ -205,7 +205,9 @@ def test_sentence_and_remedy_for_each_cause():
     assert (s["cause"], s["fit"], s["eval"], s["gap"], s["part"], s["share"]) == (
         "bn_ema", "0.75", "0.5", "+0.25", "+0.1875", "75")
     assert (s["noise"], s["z"], s["n"]) == ("0.03125", "1", "64")
-    assert "batch_size=16" in report.remedy and "recalibrate_bn" in report.remedy
+    # precise_bn (0.6875) does worse than the moving averages (0.5): no recalibration
+    assert report.remedy.startswith("Do not recalibrate")
+    assert "`precise_bn/loss` 0.6875 against evaluate's 0.5" in report.remedy
     assert set(Rendering(report).images) == {"decomposition.png", "bn_staleness.png"}
     assert report.bn_layers == ["block.bn_2", "block.bn_10"]  # natural order
 
@@ -217,6 +219,8 @@ def test_sentence_and_remedy_for_each_cause():
     # a part larger than the gap (the others offset it), a part against the gap's sign
     s = SENTENCE.search(build_report(synthetic((0.0, 0.5, -0.75), noise=0.03125)).sentence)
     assert (s["cause"], s["gap"], s["part"], s["share"]) == ("bn_ema", "-0.25", "-0.75", "300")
+    remedy = build_report(synthetic((0.0, 0.5, -0.75), noise=0.03125, bn=True)).remedy
+    assert "`gaptrack.recalibrate_bn(model, (x_train, y_train), batch_size=16)`" in remedy
     s = SENTENCE.search(build_report(synthetic((0.375, 0.375, -0.5), noise=0.03125)).sentence)
     assert (s["cause"], s["gap"], s["part"], s["share"]) == ("bn_ema", "+0.25", "-0.5", None)
 
@@ -253,3 +257,24 @@ def test_a_failing_report_never_stops_training(sqlite_uri, monkeypatch):
     assert "gaptrack.diagnosis" not in run.data.tags
     assert run.data.tags["gaptrack.error"] == "the report: RuntimeError: report store exploded"
     assert MlflowClient().list_artifacts(tracker.run_id, REPORT_DIR) == []
+
+
+def test_recalibration_is_advised_only_when_it_helps(sqlite_uri):
+    """A BN model little trained at a large batch: the stale moving averages do
+    better on the training data than recomputed statistics. The report says not
+    to recalibrate, and recalibrate_bn would indeed make evaluate() worse."""
+    keras.utils.set_random_seed(3)
+    x, y = blobs(256)
+    model = mlp(bn=True, momentum=0.9)
+    tracker = gaptrack.GapTracker((x, y), batch_size=128, bn_snapshots=False)
+    model.fit(x, y, batch_size=128, epochs=6, verbose=0, callbacks=[tracker])
+    record = tracker.records[-1]
+    assert record.precise_bn["loss"] > record.eval_train["loss"]
+    report = build_report(RunHistory("r", "r", tracker.records, {}))
+    assert report.diagnosis.cause == "bn_ema"
+    assert report.remedy.startswith("Do not recalibrate")
+    before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    gaptrack.recalibrate_bn(model, (x, y), batch_size=128)
+    after = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    assert after == pytest.approx(record.precise_bn["loss"], rel=1e-5)
+    assert after > before
