@@ -24,7 +24,8 @@ import warnings
 
 import keras
 
-from gaptrack.callback import KERAS_DEFAULT_BATCH_SIZE, GapTracker
+from gaptrack.callback import GapTracker
+from gaptrack.fitparams import KERAS_DEFAULT_BATCH_SIZE
 from gaptrack.probe import ProbeError, ProbeWarning, _is_py_dataset, _is_tf_dataset
 
 _original_fit = None

@@ -55,53 +55,21 @@ process (one ``log_batch`` per epoch, plus the BN snapshot).
 import contextlib
 import hashlib
 import math
-import os
-import tempfile
-import warnings
 
 import keras
 import numpy as np
 
-from gaptrack import __version__, charts, keys
+from gaptrack import __version__, keys, publish
 from gaptrack.decompose import decompose, summarize
 from gaptrack.distribute import replication
 from gaptrack.measurement import Measurer
-from gaptrack.probe import Probe, ProbeWarning, check_positive_int
-from gaptrack.record import EpochRecord, RunHistory, loss_first, natural_order
-from gaptrack.render import Rendering
-from gaptrack.report import build_report
+from gaptrack.fitparams import check_steps, guess_batch_size
+from gaptrack.probe import Probe, check_positive_int
+from gaptrack.record import EpochRecord
 from gaptrack.safety import Guard
 from gaptrack.snapshots import snapshot_frame
 from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger
 from gaptrack.uris import check_tracking_uri
-
-#: Keras' default batch size for in-memory data.
-KERAS_DEFAULT_BATCH_SIZE = 32
-
-
-class BatchSizeWarning(UserWarning):
-    """The training batch size had to be guessed."""
-
-
-def infer_batch_size(samples, steps):
-    """The batch sizes ``b`` for which ``samples`` in ``steps`` steps is possible.
-
-    ``ceil(samples / b) == steps`` holds for ``samples/steps <= b <
-    samples/(steps-1)``: 1,000 samples in 16 steps fits 63 to 66.
-
-    Returns:
-        ``range`` of the possible batch sizes (empty when none fits). With one
-        step, every ``b >= samples`` fits and all give the same single batch,
-        so ``range(samples, samples + 1)``.
-    """
-    if not samples or not steps or steps <= 0:
-        return range(0)
-    low = -(-samples // steps)
-    if steps == 1:
-        return range(low, low + 1)
-    high = -(-samples // (steps - 1)) - 1
-    return range(low, high + 1) if low <= high else range(0)
-
 
 class GapTracker(keras.callbacks.Callback):
     """Log what ``fit()`` reports, what ``evaluate()`` says, and why they differ.
@@ -208,8 +176,8 @@ class GapTracker(keras.callbacks.Callback):
                       keys.REPLICAS_TAG: str(self.replication.replicas)}
         if self.probe is not None:
             if self.batch_size is None:
-                self.batch_size = self._infer_batch_size((self.params or {}).get("steps"))
-            self._check_steps((self.params or {}).get("steps"))
+                self.batch_size = guess_batch_size(self.probe, (self.params or {}).get("steps"))
+            check_steps(self.probe, self.batch_size, (self.params or {}).get("steps"))
             self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
                                keys.BATCH_SIZE_TAG: str(self.batch_size)})
         with self._guard("starting the MLflow run"):
@@ -246,7 +214,7 @@ class GapTracker(keras.callbacks.Callback):
             self.logger.set_tags(self._tags)
         if any(r.parts for r in self.records):
             with self._guard("the report"):
-                self._log_report()
+                publish.log_report(self.logger, self.records, self._tags)
         self._tag_failures()
         self.logger.close()
 
@@ -290,19 +258,9 @@ class GapTracker(keras.callbacks.Callback):
                 self.logger.log_metrics(keys.epoch_metrics(record), step=step)
             if record.parts:
                 with self._guard("charting the epoch", kind="charting"):
-                    self._log_epoch_images(record)
+                    publish.log_epoch_images(self.logger, record)
             self._tag_failures()
         return record
-
-    def _log_epoch_images(self, record):
-        """The epoch's decomposition and BN staleness as step images, which the
-        MLflow UI's image charts step through epoch by epoch."""
-        names = loss_first(record.parts)
-        self.logger.log_image(charts.png(charts.epoch_decomposition_figure(record, names)),
-                              keys.DECOMPOSITION_IMAGE, record.step)
-        if record.staleness:
-            figure = charts.epoch_staleness_figure(record, natural_order(record.staleness))
-            self.logger.log_image(charts.png(figure), keys.STALENESS_IMAGE, record.step)
 
     def _measure_returned(self):
         """Measure the last epoch that ran if it was not (a callback after this one
@@ -336,30 +294,12 @@ class GapTracker(keras.callbacks.Callback):
                 self._tags[keys.ERROR_TAG] = error
                 self.logger.set_tags({keys.ERROR_TAG: error})
 
-    def _log_report(self):
-        """Tag the diagnosis, describe the run and log the report files, within
-        what is left of ``close_timeout``."""
-        found = self.logger.wait_for_run(self.logger.remaining_budget())
-        run_id, run_name = found or (self.logger.run_id or "(not yet created)",) * 2
-        report = build_report(RunHistory(run_id=run_id, run_name=run_name,
-                                         records=self.records, tags=dict(self._tags)))
-        rendering = Rendering(report)
-        artifacts = rendering.artifacts()
-        self.logger.set_tags(keys.diagnosis_tags(report.diagnosis))
-        self.logger.set_description(rendering.description())
-        with tempfile.TemporaryDirectory(prefix="gaptrack-report-") as tmp:
-            for name, data in artifacts.items():
-                path = os.path.join(tmp, name)
-                with open(path, "wb") as f:
-                    f.write(data.encode("utf-8") if isinstance(data, str) else data)
-                self.logger.log_artifact(path, keys.REPORT_DIR)  # copied into the spool
-
     @contextlib.contextmanager
     def track(self, model):
         """Track a custom training loop: the run is started (or joined) on entry,
         the summary and tags are logged on exit. Call :meth:`log_epoch` inside."""
         if self.batch_size is None:
-            self.batch_size = self._infer_batch_size(None)
+            self.batch_size = guess_batch_size(self.probe, None)
         self.set_model(model)
         self.on_train_begin()
         try:
@@ -367,42 +307,6 @@ class GapTracker(keras.callbacks.Callback):
         finally:
             self.on_train_end()
 
-    def _check_steps(self, steps):
-        """Warn when the tracker's data has more samples than fit's steps per epoch
-        at the batch size cover: fit trains on part of it only (``validation_split``).
-        (Fewer is a sample of the training data, e.g. an explicit probe.)"""
-        if not steps or not self.probe.total or self.probe.total <= steps * self.batch_size:
-            return
-        low, high = (steps - 1) * self.batch_size + 1, steps * self.batch_size
-        warnings.warn(
-            f"gaptrack: fit() runs {steps} steps per epoch at batch_size={self.batch_size}, "
-            f"i.e. {low} to {high} samples, but the tracker was given {self.probe.total}: it "
-            "measures data fit() does not train on. With fit(validation_split=s) give it the "
-            "training part only, GapTracker((x[:n], y[:n]), ...) with n = int(len(x) * (1 - s)) "
-            "(gaptrack.autolog() does so).",
-            ProbeWarning, stacklevel=3,
-        )
-
-    def _infer_batch_size(self, steps):
-        if self.probe.dataset_batch_size:
-            return self.probe.dataset_batch_size
-        candidates = infer_batch_size(self.probe.total, steps)
-        if len(candidates) == 1:
-            return candidates[0]
-        guess = (KERAS_DEFAULT_BATCH_SIZE if KERAS_DEFAULT_BATCH_SIZE in candidates or not candidates
-                 else candidates[0])
-        if candidates:
-            why = (f"{self.probe.total} samples in {steps} steps fits batch sizes "
-                   f"{candidates[0]} to {candidates[-1]} (if the data given to the tracker is "
-                   "what fit() trains on: with validation_split, give it the training part only)")
-        else:
-            why = "the number of training steps is not known"
-        warnings.warn(
-            f"gaptrack: {why}; assuming batch_size={guess}. Pass "
-            "GapTracker(..., batch_size=<fit's batch_size>) to measure at the right one.",
-            BatchSizeWarning, stacklevel=3,
-        )
-        return guess
 
 
 def _fingerprint(model):

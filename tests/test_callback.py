@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 import gaptrack
 from builders import OwnStep, blobs, mlp
 from conftest import MlflowServer
-from gaptrack.callback import BatchSizeWarning, infer_batch_size
+from gaptrack.fitparams import BatchSizeWarning, infer_batch_size
 from gaptrack.tracking import TrackingWarning
 
 PARTS = ("drift", "mode", "bn_ema")

@@ -241,7 +241,7 @@ def test_a_failing_report_never_stops_training(sqlite_uri, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("report store exploded")
 
-    monkeypatch.setattr("gaptrack.callback.build_report", broken)
+    monkeypatch.setattr("gaptrack.publish.build_report", broken)
     monkeypatch.delenv("GAPTRACK_TESTING")  # the policy itself, as users get it
     x, y = blobs(48)
     tracker = gaptrack.GapTracker((x, y), batch_size=16)

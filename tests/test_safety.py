@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 import gaptrack
 from builders import blobs, mlp
-from gaptrack.measurement import MeasureError, Measurer
+from gaptrack.measurement import Measurer
 from gaptrack.safety import Guard, TrackerWarning
 
 x, y = blobs(64)

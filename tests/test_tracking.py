@@ -22,7 +22,7 @@ from builders import blobs, mlp
 from conftest import (WARNING_LATENCY, MlflowServer, first_tracking_warning, free_port,
                       recoveries, timed_warnings)
 from proxy import SlowProxy
-from gaptrack import callback as callback_module
+from gaptrack import publish as publish_module
 from gaptrack.cli import main
 from gaptrack.spool import spool_root
 from gaptrack.sync import sync
@@ -103,8 +103,8 @@ def test_server_unreachable_for_the_whole_run_then_sync(mlflow_server, tmp_path,
     monkeypatch.chdir(tmp_path)
     port = free_port()
     reported = []  # the history the train-end report is built from (the tracker's own copy)
-    build_report = callback_module.build_report
-    monkeypatch.setattr(callback_module, "build_report",
+    build_report = publish_module.build_report
+    monkeypatch.setattr(publish_module, "build_report",
                         lambda history: reported.append(history) or build_report(history))
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:
