@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 import gaptrack
 from builders import OwnStep, blobs, mlp
 from conftest import MlflowServer
-from gaptrack.fitparams import BatchSizeWarning, infer_batch_size
+from gaptrack.fitparams import BatchSizeWarning, guess_batch_size, infer_batch_size
 from gaptrack.tracking import TrackingWarning
 
 PARTS = ("drift", "mode", "bn_ema")
@@ -174,13 +174,13 @@ def test_batch_size_inference():
     tracker = gaptrack.GapTracker((x, y))
     with warnings.catch_warnings():
         warnings.simplefilter("error", BatchSizeWarning)  # unambiguous: no warning
-        assert tracker._infer_batch_size(20) == 5
+        assert guess_batch_size(tracker.probe, 20) == 5
     x, y = blobs(1000)
     tracker = gaptrack.GapTracker((x, y))
     with pytest.warns(BatchSizeWarning, match="1000 samples in 16 steps fits batch sizes 63 to 66"):
-        assert tracker._infer_batch_size(16) == 63
+        assert guess_batch_size(tracker.probe, 16) == 63
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(50)
-    assert gaptrack.GapTracker(dataset)._infer_batch_size(20) == 50
+    assert guess_batch_size(gaptrack.GapTracker(dataset).probe, 20) == 50
 
 
 def test_textbook_cases(sqlite_uri):
