@@ -193,7 +193,8 @@ class GapTracker(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         epochs = (self.params or {}).get("epochs")
         # a callback before this one (EarlyStopping, TerminateOnNaN) may have stopped fit
-        last = (epochs is not None and epoch == epochs - 1) or getattr(self.model, "stop_training", False)
+        last = ((epochs is not None and epoch == epochs - 1)
+                or getattr(self.model, "stop_training", False))
         measure = epoch % self.every == 0 or last
         self.log_epoch(epoch, logs or {}, measure=measure)
 

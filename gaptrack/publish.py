@@ -5,9 +5,6 @@ Everything goes through the run's :class:`gaptrack.tracking.RunLogger` (spooled,
 sent in the background); the report is built from the tracker's own records.
 """
 
-import os
-import tempfile
-
 from gaptrack import charts, keys
 from gaptrack.record import RunHistory, loss_first, natural_order
 from gaptrack.render import Rendering
@@ -42,9 +39,5 @@ def log_report(logger, records, tags):
     artifacts = rendering.artifacts()
     logger.set_tags(keys.diagnosis_tags(report.diagnosis))
     logger.set_description(rendering.description())
-    with tempfile.TemporaryDirectory(prefix="gaptrack-report-") as tmp:
-        for name, data in artifacts.items():
-            path = os.path.join(tmp, name)
-            with open(path, "wb") as f:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            logger.log_artifact(path, keys.REPORT_DIR)  # copied into the spool
+    for name, data in artifacts.items():
+        logger.log_bytes(data, f"{keys.REPORT_DIR}/{name}")

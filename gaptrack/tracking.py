@@ -25,7 +25,6 @@ This module knows MLflow and pandas, not Keras.
 """
 
 import os
-import shutil
 import time
 import uuid
 import warnings
@@ -122,21 +121,20 @@ class RunLogger:
 
     def log_table(self, frame, artifact_path):
         """Queue a DataFrame as a Parquet artifact at ``dir/name.parquet``."""
+        self._log_file(artifact_path, lambda target: frame.to_parquet(target, index=False))
+
+    def log_bytes(self, data, artifact_path):
+        """Queue ``data`` (bytes, or text written as UTF-8) as the artifact
+        ``dir/name``, written straight into the spool."""
+        data = data.encode("utf-8") if isinstance(data, str) else data
+        self._log_file(artifact_path, lambda target: target.write_bytes(data))
+
+    def _log_file(self, artifact_path, write):
         directory, name = _split_artifact_path(artifact_path)
         target = self._file_slot(name)
-        frame.to_parquet(target, index=False)
+        write(target)
         self._enqueue({"type": "artifact", "path": str(target.relative_to(self.spool.dir)),
                        "dir": directory})
-
-    def log_artifact(self, local_path, artifact_dir=None):
-        """Queue a copy of a local file as an artifact under ``artifact_dir``."""
-        if artifact_dir is not None and safe_relative(artifact_dir) is None:
-            raise ValueError(f"artifact_dir must be a relative path inside the run, "
-                             f"got {artifact_dir!r}")
-        target = self._file_slot(os.path.basename(local_path))
-        shutil.copyfile(local_path, target)
-        self._enqueue({"type": "artifact", "path": str(target.relative_to(self.spool.dir)),
-                       "dir": artifact_dir})
 
     def log_image(self, image_bytes_png, key, step):
         """Queue a PNG image at ``step`` under ``key``, stored as
