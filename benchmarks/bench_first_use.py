@@ -124,9 +124,7 @@ def main():
     tf.get_logger().removeHandler(counter)
     passes = Measurer(model, BATCH_SIZE)._compiled(Probe.from_data((x, y), probe_size=len(x)))
     ratios["later"] = report(f"{CALLS} later measure() / warm evaluate()", later)
-    print(f"  traces over all the calls on this model: training-mode pass "
-          f"{passes.train_chunk.experimental_get_tracing_count()}, inference step "
-          f"{passes.infer_step.experimental_get_tracing_count()}; retracing warnings "
+    print(f"  traces over all the calls on this model: {passes.traces}; retracing warnings "
           f"during the {CALLS} calls: {counter.count}")
 
     # 3. A 2-epoch fit, tracing included.

@@ -23,6 +23,11 @@ replica. What changes for the measurements:
   replica's copy: that is the model that is kept, and the one ``eval_train``
   measures. :func:`bn_spread` says how far the copies are apart (the key
   ``replicas/bn_spread``).
+- **JAX** (``keras.distribution``, e.g. ``DataParallel`` over several
+  devices): the step is one program over the global batch, sharded by XLA, so
+  a BN layer's moments are those of the global batch (as if ``synchronized``)
+  and there is one copy of the moving statistics: the training-mode pass runs
+  each global batch whole, and ``replicas/bn_spread`` is not logged.
 - **One run per job.** Under ``MultiWorkerMirroredStrategy`` every worker runs
   the same ``fit()`` and the same callbacks; only the chief (:func:`is_chief`)
   may create and log the MLflow run (:class:`gaptrack.GapTracker`).
@@ -35,20 +40,44 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Replication:
-    """How a model is trained: ``replicas`` in sync (1 without a strategy), and
-    whether this process is the chief, the one that logs."""
+    """How a model is trained: ``replicas`` in sync (1 without a strategy),
+    whether this process is the chief, the one that logs, and ``shards``: how
+    many parts of a training batch a BN layer that is not synchronized
+    normalises separately (``replicas`` under ``tf.distribute``; 1 under a JAX
+    ``keras.distribution``, whose computation is one program over the global
+    batch, so every BN layer normalises with the global batch's moments)."""
 
     replicas: int
     chief: bool
+    shards: int = 1
 
 
 def replication(model):
     """The :class:`Replication` of ``model``: the strategy it was built under
-    (``model.distribute_strategy`` on TensorFlow; no strategy elsewhere)."""
+    (``model.distribute_strategy`` on TensorFlow), or on JAX the
+    ``keras.distribution`` in effect; else one replica."""
     strategy = _strategy(model)
-    if strategy is None:
-        return Replication(replicas=1, chief=True)
-    return Replication(replicas=int(strategy.num_replicas_in_sync), chief=is_chief(strategy))
+    if strategy is not None:
+        replicas = int(strategy.num_replicas_in_sync)
+        return Replication(replicas=replicas, chief=is_chief(strategy), shards=replicas)
+    distribution = _keras_distribution()
+    if distribution is not None:
+        import jax
+
+        mesh = distribution.device_mesh
+        axis = mesh.axis_names.index(distribution.batch_dim_name)
+        return Replication(replicas=int(mesh.shape[axis]), chief=jax.process_index() == 0)
+    return Replication(replicas=1, chief=True)
+
+
+def _keras_distribution():
+    """The ``keras.distribution`` in effect on JAX (the backend whose trainer
+    applies it; see the module docstring), or ``None``."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    return keras.distribution.distribution()
 
 
 def _strategy(model):

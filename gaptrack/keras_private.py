@@ -69,8 +69,10 @@ def fresh_metric_values(model):
     return [scope.get_current_value(v) for v in variables]
 
 
-def stateless_forward(model, x, y, sw, non_trainable, metric_values, training, loss=None):
-    """One batch: forward pass, loss and metric update, all stateless.
+def stateless_forward(model, trainable, non_trainable, x, y, sw, metric_values, training,
+                      loss=None):
+    """One batch: forward pass, loss and metric update, all stateless, on the
+    values ``trainable`` and ``non_trainable`` of the model's variables.
 
     Mirrors Keras' ``train_step``/``test_step`` (and JAX's stateless trainer):
     ``model.losses`` of the call are added through the trainer's override, the
@@ -86,7 +88,7 @@ def stateless_forward(model, x, y, sw, non_trainable, metric_values, training, l
 
     kwargs = {"training": training} if model._call_has_training_arg else {}
     y_pred, new_non_trainable, losses = model.stateless_call(
-        model.trainable_variables, non_trainable, x, return_losses=True, **kwargs
+        trainable, non_trainable, x, return_losses=True, **kwargs
     )
     if not has_loss(model):
         loss = None if loss is None else loss(y, y_pred, sample_weight=sw)
@@ -96,7 +98,7 @@ def stateless_forward(model, x, y, sw, non_trainable, metric_values, training, l
             model._losses_override = losses
         try:
             loss, (_, _, metric_values) = model.stateless_compute_loss(
-                model.trainable_variables, new_non_trainable, metric_values,
+                trainable, new_non_trainable, metric_values,
                 x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training,
             )
         finally:

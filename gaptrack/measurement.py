@@ -145,8 +145,9 @@ class Measurer:
         self.inference_batch_size = inference_batch_size
         self.seed = seed
         self.bn_layers = find_bn_layers(model)
-        #: Replicas in sync, each normalising its shard of a training batch.
-        self.replicas = replication(model).replicas
+        #: Parts of a training batch that BN layers normalised separately
+        #: (replicas under ``tf.distribute``; :class:`gaptrack.distribute.Replication`).
+        self.shards = replication(model).shards
         #: Whether evaluate()'s value depends on its batching (:func:`_batching_matters`),
         #: for the layout it was found for.
         self._batching_matters = None
@@ -162,7 +163,7 @@ class Measurer:
             self._layout = layout
             self._batching_matters = None
         return compiled.compiled_passes(self.model, self.bn_layers, self.batch_size, layout,
-                                        self.replicas, self.loss)
+                                        self.shards, self.loss)
 
     def _seed_values(self, passes):
         rng = np.random.default_rng(self.seed)
@@ -197,26 +198,26 @@ class Measurer:
             ``None`` for a layer not called on the forward path; and per BN layer
             whether it used batch statistics.
         """
-        import tensorflow as tf
+        from keras import ops
 
         passes = self._compiled(probe)
         metric_values = keras_private.fresh_metric_values(self.model)
-        seeds = [tf.constant(s) for s in self._seed_values(passes)]
+        seeds = [ops.convert_to_tensor(s) for s in self._seed_values(passes)]
         sums = []
         for bn in self.bn_layers:
-            zeros = tf.zeros([int(np.prod(bn.layer.moving_mean.shape))], "float32")
-            sums.append((tf.constant(0.0), zeros, zeros))
-        logs = None
-        for x, y, sw in probe.batches(self._train_chunk_size(probe)):
-            metric_values, seeds, sums, logs = compiled.call(
-                passes.train_chunk, (x, y, sw), metric_values, seeds, sums)
+            zeros = ops.zeros([int(np.prod(bn.layer.moving_mean.shape))], "float32")
+            sums.append((ops.convert_to_tensor(0.0, "float32"), zeros, zeros))
+        chunk = self._train_chunk_size(probe) if passes.chunk_batches else self.batch_size
+        with passes.random_state(self.seed):
+            for x, y, sw in probe.batches(chunk):
+                metric_values, seeds, sums = passes.train((x, y, sw), metric_values, seeds, sums)
         population = []
         for count, mean_sum, var_sum in sums:
             count = float(count)
-            population.append(
-                (mean_sum.numpy() / count, var_sum.numpy() / count) if count else None)
+            population.append((ops.convert_to_numpy(mean_sum) / count,
+                               ops.convert_to_numpy(var_sum) / count) if count else None)
         trains = [passes.trains.get(id(bn.layer), False) for bn in self.bn_layers]
-        return self._floats(logs), population, trains
+        return self._floats(passes.logs(metric_values)), population, trains
 
     def inference_pass(self, probe, population=None):
         """``(eval_train, precise_bn, loss_standard_error)``.
@@ -225,7 +226,7 @@ class Measurer:
         variance)}``) is given. ``loss_standard_error`` is the standard error of
         the mean per-sample loss on the probe (``None`` where per-sample losses
         are not defined), the sampling noise of ``eval_train["loss"]``."""
-        import tensorflow as tf
+        from keras import ops
 
         passes = self._compiled(probe)
         eval_values = keras_private.fresh_metric_values(self.model)
@@ -233,18 +234,20 @@ class Measurer:
         if population:
             variables = self.model.non_trainable_variables
             population = {
-                i: tuple(tf.constant(s, dtype=variables[j].dtype) for s, j in zip(stats, idx))
+                i: tuple(ops.convert_to_tensor(s, dtype=variables[j].dtype)
+                         for s, j in zip(stats, idx))
                 for i, stats in population.items()
                 for idx in [passes.bn_index[i]]
             }
         else:
             population = None
-        eval_logs = pbn_logs = None
-        moments = tuple(tf.constant(0.0, tf.float64) for _ in range(3))
+        dtype = compiled.moments_dtype()
+        moments = tuple(ops.convert_to_tensor(0.0, dtype) for _ in range(3))
         for x, y, sw in probe.batches(self._inference_batch(probe)):
-            eval_values, pbn_values, eval_logs, pbn_logs, moments = compiled.call(
-                passes.infer_step, (x, y, sw), eval_values, pbn_values, population, moments)
-        return (self._floats(eval_logs), self._floats(pbn_logs) if population else None,
+            eval_values, pbn_values, moments = passes.infer(
+                (x, y, sw), eval_values, pbn_values, population, moments)
+        return (self._floats(passes.logs(eval_values)),
+                self._floats(passes.logs(pbn_values)) if population else None,
                 _standard_error(moments))
 
     def _floats(self, logs):

@@ -1,28 +1,41 @@
-"""The two compiled passes over the probe, as TensorFlow graphs.
+"""The two compiled passes over the probe, compiled the backend's way.
 
 - The **training-mode pass** runs the probe in batches of the training batch
   size with ``training=True`` (Dropout masks from fixed seeds, BN with batch
   statistics), accumulating the compiled metrics and each BN layer's input
-  moments (the PreciseBN sums). It runs many training batches per call, in a
-  graph loop, batch after batch exactly as separate calls would: the Python
-  round trip of a call (a few ms with the metric, seed and BN-sum tensors going
-  in and out) used to cost more than the forward of a small batch itself.
+  moments (the PreciseBN sums).
 - The **inference step** runs one batch with ``training=False`` twice: with the
   model's BN moving statistics (``eval_train``) and, when given, with population
   statistics in their place (``precise_bn``); it also accumulates the moments of
   the per-sample loss (its standard error).
 
 Nothing here changes the model: every call is ``stateless_call`` on values
-(:mod:`gaptrack.keras_private`).
+(:mod:`gaptrack.keras_private`), with the weights passed in as arguments.
+
+How each backend runs them (:func:`runner`), as its own trainer runs
+``fit()``/``evaluate()`` steps:
+
+- **TensorFlow**: ``tf.function`` graphs (no AutoGraph, as Keras' own step
+  functions). The training-mode pass runs many training batches per call in a
+  ``tf.while_loop``, batch after batch exactly as separate calls would: the
+  Python round trip of a call cost more than the forward of a small batch. The
+  inference step traces the forward once and calls it twice (with the moving
+  and with the population statistics). One trace serves every batch size, the
+  last partial batch included: the batch dimension is unknown when traced, as
+  in ``fit()``.
+- **JAX**: ``jax.jit`` of one batch's step, traced once per batch shape (the
+  full batches, and the last partial one), as Keras' JAX trainer does; under
+  ``keras.distribution`` the weights keep their layouts.
+- **PyTorch**: eager, one batch per call, under ``torch.no_grad()``.
 
 Tracing costs more than a pass over a 6,000-sample probe, so each function is
 traced once: the passes of a model are kept (:func:`compiled_passes`) for as
 long as the model lives and its state layout stays the same, shared by every
 :class:`gaptrack.measurement.Measurer`, hence by ``measure()``, ``GapTracker``
-and ``recalibrate_bn``; and :func:`call` runs every batch, the last partial one
-included, through one trace with the batch dimension unknown, as in ``fit()``.
+and ``recalibrate_bn``.
 """
 
+import contextlib
 import weakref
 
 from gaptrack import keras_private
@@ -33,7 +46,14 @@ from gaptrack.bn import watch_inputs
 _CACHE = weakref.WeakKeyDictionary()
 
 
-def compiled_passes(model, bn_layers, batch_size, layout, replicas=1, loss=None):
+def backend():
+    """The Keras backend in use: ``"tensorflow"``, ``"jax"`` or ``"torch"``."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def compiled_passes(model, bn_layers, batch_size, layout, shards=1, loss=None):
     """The :class:`CompiledPasses` of ``model`` at ``batch_size``, built once.
 
     ``layout`` is what the traces depend on besides the batch size (the
@@ -45,50 +65,36 @@ def compiled_passes(model, bn_layers, batch_size, layout, replicas=1, loss=None)
         by_batch_size = {}
         _CACHE[model] = (layout, by_batch_size)
     if batch_size not in by_batch_size:
-        by_batch_size[batch_size] = CompiledPasses(model, bn_layers, batch_size, replicas, loss)
+        by_batch_size[batch_size] = CompiledPasses(model, bn_layers, batch_size, shards, loss)
     return by_batch_size[batch_size]
 
 
-def call(function, data, *state):
-    """``function(*data, *state)`` through the trace of ``function`` whose
-    ``data`` (``x, y, sample_weight``) have an unknown batch dimension.
-
-    As in ``fit()``, the batch dimension is unknown when traced (Keras'
-    per-output loss trackers weight batches only when it is known), and one
-    trace serves every batch and chunk size: the function is traced on its
-    first call only.
-    """
-    import tensorflow as tf
-    from keras import tree
-
-    specs = tree.map_structure(
-        lambda a: None if a is None else tf.TensorSpec((None,) + tuple(a.shape[1:]),
-                                                       tf.as_dtype(a.dtype)), data)
-    return function.get_concrete_function(*specs, *state)(*data, *state)
-
-
 class CompiledPasses:
-    """The traced passes for one model state layout and training batch size.
+    """The compiled passes for one model state layout and training batch size.
 
-    Built by :func:`compiled_passes`; run through :func:`call`.
+    Built by :func:`compiled_passes`.
 
     Args:
         model: a built, compiled Keras model (held weakly).
         bn_layers: its :class:`gaptrack.bn.BNLayer` list.
         batch_size: the training batch size (the global batch under a strategy).
-        replicas: replicas in sync: each normalised its shard of the batch
-            (:func:`gaptrack.bn.watch_inputs`).
+        shards: replicas that each normalised their own shard of a training
+            batch (:func:`gaptrack.bn.watch_inputs`); 1 when BN saw the whole batch.
         loss: the loss of a model compiled without one (see
             :func:`gaptrack.keras_private.stateless_forward`), or ``None``.
+
+    Attributes:
+        chunk_batches: whether :meth:`train` takes many training batches per call
+            (TensorFlow) or one.
+        traces: ``{"train": n, "infer": n}``, times each pass was traced
+            (``None`` on PyTorch, which does not trace).
     """
 
-    def __init__(self, model, bn_layers, batch_size, replicas=1, loss=None):
-        import tensorflow as tf
-
+    def __init__(self, model, bn_layers, batch_size, shards=1, loss=None):
         self._model = weakref.ref(model)
         self.bn_layers = bn_layers
         self.batch_size = batch_size
-        self.replicas = replicas
+        self.shards = shards
         self.loss = loss
         self.seed_index = keras_private.seed_indices(model)
         position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
@@ -96,25 +102,51 @@ class CompiledPasses:
                          for bn in bn_layers]
         #: ``{id(layer): whether it used batch statistics}``, read while tracing.
         self.trains = {}
-        # No AutoGraph, as Keras' own step functions (``do_not_convert``): the
-        # loop is an explicit tf.while_loop, and converting Keras' code took
-        # half the tracing time.
-        self.train_chunk = tf.function(self._train_chunk, reduce_retracing=True, autograph=False)
-        self.infer_step = tf.function(self._infer_step, reduce_retracing=True, autograph=False)
+        self._traces = {"train": 0, "infer": 0}
+        self._runner = _RUNNERS[backend()](self)
+        self.chunk_batches = self._runner.chunk_batches
 
     @property
     def model(self):
         """The model (a weak reference: the passes do not keep it alive)."""
         return self._model()
 
-    def _train_step(self, x, y, sw, metric_values, seeds, sums):
+    @property
+    def traces(self):
+        return dict(self._traces) if self._runner.traces else None
+
+    def train(self, data, metric_values, seeds, sums):
+        """The training-mode pass over ``data`` (``(x, y, sample_weight)``; whole
+        training batches, the last may be partial; one batch unless
+        :attr:`chunk_batches`). Returns ``(metric_values, seeds, sums)``."""
+        return self._runner.train(data, metric_values, seeds, sums)
+
+    def infer(self, data, eval_values, pbn_values, population, moments):
+        """The inference step on one batch. Returns ``(eval_values, pbn_values,
+        moments)``."""
+        return self._runner.infer(data, eval_values, pbn_values, population, moments)
+
+    def random_state(self, seed):
+        """A context in which the training-mode pass draws its Dropout masks from
+        ``seed``. The seed generators' states are passed in as values, except
+        on PyTorch, where a layer without a seed of its own draws from torch's
+        global generator: there it is seeded inside the context and restored
+        after it."""
+        return self._runner.random_state(seed)
+
+    def logs(self, metric_values):
+        """The logs (``{name: value}``) of the metric state ``metric_values``."""
+        return keras_private.metrics_result(self.model, metric_values)
+
+    def _train_step(self, trainable, non_trainable, x, y, sw, metric_values, seeds, sums):
         model = self.model
-        non_trainable = [v.value for v in model.non_trainable_variables]
+        non_trainable = list(non_trainable)
         for i, seed in zip(self.seed_index, seeds):
             non_trainable[i] = seed
-        with watch_inputs(self.bn_layers, self.replicas) as record:
+        with watch_inputs(self.bn_layers, self.shards) as record:
             new_nt, metric_values, _, _ = keras_private.stateless_forward(
-                model, x, y, sw, non_trainable, metric_values, training=True, loss=self.loss)
+                model, trainable, non_trainable, x, y, sw, metric_values, training=True,
+                loss=self.loss)
         new_sums = []
         for bn, (count, mean_sum, var_sum) in zip(self.bn_layers, sums):
             if id(bn.layer) not in record:  # the layer is not on this forward path
@@ -126,41 +158,25 @@ class CompiledPasses:
             new_sums.append((count + n, mean_sum + n * mean, var_sum + n * var))
         return metric_values, [new_nt[i] for i in self.seed_index], new_sums
 
-    def _train_chunk(self, x, y, sw, metric_values, seeds, sums):
-        """:meth:`_train_step` over the consecutive training batches of one chunk
-        (whole batches; the last chunk may end with a partial one). Returns the
-        logs of the metric state at the end."""
-        import tensorflow as tf
-        from keras import tree
-
-        b = self.batch_size
-        n = tf.shape(next(a for a in tree.flatten(x) if a is not None))[0]
-
-        def body(i, metric_values, seeds, sums):
-            batch = tree.map_structure(
-                lambda a: None if a is None else a[i * b:(i + 1) * b], (x, y, sw))
-            metric_values, seeds, sums = self._train_step(*batch, metric_values, seeds, sums)
-            return i + 1, metric_values, seeds, sums
-
-        _, metric_values, seeds, sums = tf.while_loop(
-            lambda i, *_: i * b < n, body, (tf.constant(0), metric_values, seeds, sums))
-        return metric_values, seeds, sums, keras_private.metrics_result(self.model, metric_values)
-
-    def _infer_step(self, x, y, sw, eval_values, pbn_values, population, moments):
-        model = self.model
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        _, eval_values, eval_logs, y_pred = keras_private.stateless_forward(
-            model, x, y, sw, non_trainable, eval_values, training=False, loss=self.loss)
+    def _infer_step(self, forward, trainable, non_trainable, x, y, sw, eval_values, pbn_values,
+                    population, moments):
+        eval_values, y_pred = forward(trainable, list(non_trainable), x, y, sw, eval_values)
         moments = self._loss_moments(moments, y, y_pred, sw)
         if population is None:
-            return eval_values, None, eval_logs, None, moments
+            return eval_values, None, moments
+        non_trainable = list(non_trainable)
         for i, (mean, var) in population.items():
             i_mean, i_var = self.bn_index[i]
             non_trainable[i_mean] = mean
             non_trainable[i_var] = var
-        _, pbn_values, pbn_logs, _ = keras_private.stateless_forward(
-            model, x, y, sw, non_trainable, pbn_values, training=False, loss=self.loss)
-        return eval_values, pbn_values, eval_logs, pbn_logs, moments
+        pbn_values, _ = forward(trainable, non_trainable, x, y, sw, pbn_values)
+        return eval_values, pbn_values, moments
+
+    def _infer_forward(self, trainable, non_trainable, x, y, sw, metric_values):
+        _, metric_values, _, y_pred = keras_private.stateless_forward(
+            self.model, trainable, non_trainable, x, y, sw, metric_values, training=False,
+            loss=self.loss)
+        return metric_values, y_pred
 
     def _loss_moments(self, moments, y, y_pred, sw):
         """Running ``(n, sum l, sum l^2)`` of the per-sample compiled loss ``l``.
@@ -173,12 +189,165 @@ class CompiledPasses:
         loss_fn = keras_private.single_loss_function(self.model)
         if moments is None or loss_fn is None or tree.is_nested(y_pred) or tree.is_nested(y):
             return None
-        values = ops.cast(loss_fn.call(y, y_pred), "float64")
+        dtype = moments[0].dtype
+        values = ops.cast(loss_fn.call(y, y_pred), dtype)
         if len(values.shape) > 1:
             values = ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=1)
         if sw is not None:
-            values = values * ops.reshape(ops.cast(sw, "float64"), (-1,))
+            values = values * ops.reshape(ops.cast(sw, dtype), (-1,))
         n, total, squares = moments
-        return (n + ops.cast(ops.shape(values)[0], "float64"), total + ops.sum(values),
+        return (n + ops.cast(ops.shape(values)[0], dtype), total + ops.sum(values),
                 squares + ops.sum(values * values))
 
+
+def moments_dtype():
+    """The dtype of the loss moments: float64, but float32 on JAX, which has no
+    float64 unless ``jax_enable_x64`` is set."""
+    if backend() == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
+
+
+class _Runner:
+    chunk_batches = False
+    traces = True
+
+    def random_state(self, seed):
+        return contextlib.nullcontext()
+
+
+class _TensorFlow(_Runner):
+    chunk_batches = True
+
+    def __init__(self, passes):
+        import tensorflow as tf
+
+        self.passes = passes
+        # No AutoGraph, as Keras' own step functions (``do_not_convert``): the
+        # loop is an explicit tf.while_loop, and converting Keras' code took
+        # half the tracing time.
+        self._train = tf.function(self._train_chunk, reduce_retracing=True, autograph=False)
+        self._infer = tf.function(self._infer_step, reduce_retracing=True, autograph=False)
+        # Traced once, called twice by each inference step: the second forward
+        # (population statistics) costs no second trace.
+        self._forward = tf.function(passes._infer_forward, autograph=False)
+
+    def train(self, data, *state):
+        return self._call(self._train, data, *state)
+
+    def infer(self, data, *state):
+        return self._call(self._infer, data, *state)
+
+    def _train_chunk(self, x, y, sw, metric_values, seeds, sums):
+        """The training-mode step over the consecutive training batches of one
+        chunk (whole batches; the last chunk may end with a partial one)."""
+        import tensorflow as tf
+        from keras import tree
+
+        passes = self.passes
+        passes._traces["train"] += 1
+        model, b = passes.model, passes.batch_size
+        n = tf.shape(next(a for a in tree.flatten(x) if a is not None))[0]
+
+        def body(i, metric_values, seeds, sums):
+            batch = tree.map_structure(
+                lambda a: None if a is None else a[i * b:(i + 1) * b], (x, y, sw))
+            non_trainable = [v.value for v in model.non_trainable_variables]
+            metric_values, seeds, sums = passes._train_step(
+                model.trainable_variables, non_trainable, *batch, metric_values, seeds, sums)
+            return i + 1, metric_values, seeds, sums
+
+        _, metric_values, seeds, sums = tf.while_loop(
+            lambda i, *_: i * b < n, body, (tf.constant(0), metric_values, seeds, sums))
+        return metric_values, seeds, sums
+
+    def _infer_step(self, x, y, sw, eval_values, pbn_values, population, moments):
+        passes = self.passes
+        passes._traces["infer"] += 1
+        model = passes.model
+        return passes._infer_step(self._forward, *_values(model),
+                                  x, y, sw, eval_values, pbn_values, population, moments)
+
+    @staticmethod
+    def _call(function, data, *state):
+        """``function(*data, *state)`` through the trace of ``function`` whose
+        ``data`` (``x, y, sample_weight``) have an unknown batch dimension: as in
+        ``fit()`` (Keras' per-output loss trackers weight batches only when it is
+        known), and one trace serves every batch and chunk size."""
+        import tensorflow as tf
+        from keras import tree
+
+        specs = tree.map_structure(
+            lambda a: None if a is None else tf.TensorSpec((None,) + tuple(a.shape[1:]),
+                                                           tf.as_dtype(a.dtype)), data)
+        return function.get_concrete_function(*specs, *state)(*data, *state)
+
+
+class _Jax(_Runner):
+
+    def __init__(self, passes):
+        import jax
+
+        self.passes = passes
+        self._train = jax.jit(self._train_step)
+        self._infer = jax.jit(self._infer_step)
+
+    def _train_step(self, *args):
+        self.passes._traces["train"] += 1
+        return self.passes._train_step(*args)
+
+    def _infer_step(self, *args):
+        self.passes._traces["infer"] += 1
+        return self.passes._infer_step(self.passes._infer_forward, *args)
+
+    def train(self, data, *state):
+        return self._train(*_values(self.passes.model), *_tensors(data), *state)
+
+    def infer(self, data, *state):
+        return self._infer(*_values(self.passes.model), *_tensors(data), *state)
+
+
+class _Torch(_Runner):
+    traces = False
+
+    def __init__(self, passes):
+        self.passes = passes
+
+    @contextlib.contextmanager
+    def random_state(self, seed):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    def train(self, data, *state):
+        import torch
+
+        with torch.no_grad():
+            return self.passes._train_step(*_values(self.passes.model), *_tensors(data), *state)
+
+    def infer(self, data, *state):
+        import torch
+
+        passes = self.passes
+        with torch.no_grad():
+            return passes._infer_step(passes._infer_forward, *_values(passes.model),
+                                      *_tensors(data), *state)
+
+
+_RUNNERS = {"tensorflow": _TensorFlow, "jax": _Jax, "torch": _Torch}
+
+
+def _values(model):
+    """The model's trainable and non-trainable values, as arguments."""
+    return ([v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables])
+
+
+def _tensors(data):
+    from keras import ops, tree
+
+    return tree.map_structure(lambda a: None if a is None else ops.convert_to_tensor(a), data)

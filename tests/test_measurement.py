@@ -163,8 +163,10 @@ def test_passes_are_traced_once_per_model_and_released_with_it():
     gaptrack.measure(model, (x[:77], y[:77]), batch_size=16, inference_batch_size=48)
     gaptrack.recalibrate_bn(model, (x, y), batch_size=16)
     passes = Measurer(model, 16)._compiled(Probe.from_data((x, y)))
-    assert passes.train_chunk.experimental_get_tracing_count() == 1
-    assert passes.infer_step.experimental_get_tracing_count() == 1
+    if keras.backend.backend() == "tensorflow":  # one trace for every batch size
+        assert passes.traces == {"train": 1, "infer": 1}
+    elif keras.backend.backend() == "jax":  # one per batch shape: 16, 4; 48, 4 and 29
+        assert passes.traces == {"train": 2, "infer": 3}
     alive = weakref.ref(model)
     del model, passes
     gc.collect()
