@@ -6,7 +6,8 @@ changing any of its state. Keras 3 has the public pieces (``stateless_call``,
 ``stateless_compute_loss``, ``compute_metrics``) but not the glue its own
 trainers use around them: the loss tracker, the ``add_loss`` override of a
 stateless call, the per-output loss trackers, the seed generators' state, a BN
-layer's batch moments. Those are reached here and nowhere else.
+layer's batch moments. Those are reached here and nowhere else, as is the one
+piece of TensorFlow's private API gaptrack uses (:func:`unoptimized_tf_calls`).
 """
 
 import contextlib
@@ -49,6 +50,13 @@ def seed_indices(model):
             for layer in model._flatten_layers(include_self=True)
             for sg in getattr(layer, "_seed_generators", [])
             if id(sg.state) in index]
+
+
+def full_precision(model):
+    """Whether every layer of ``model`` computes in float32 or float64 (no
+    ``mixed_float16``/``mixed_bfloat16`` policy)."""
+    return all(layer.dtype_policy.compute_dtype in ("float32", "float64")
+               for layer in model._flatten_layers(include_self=True))
 
 
 def child_layers(layer):
@@ -226,3 +234,33 @@ def train_validation_split(arrays, validation_split):
     from keras.src.trainers.data_adapters.array_slicing import train_validation_split as split
 
     return split(arrays, validation_split=validation_split)[0]
+
+
+@contextlib.contextmanager
+def unoptimized_tf_calls():
+    """Inside the block, a ``tf.function`` of this thread that runs for the first
+    time is instantiated without Grappler (TensorFlow's graph optimiser).
+
+    Grappler optimises a function once, at its first call, and took 1.1 of the
+    2.1 CPU-seconds of gaptrack's first measurement of the 20-layer MLP, more
+    than it saves on every later pass (these passes ran 7 % slower without it:
+    0.45 s instead of 0.42 s over 6,000 samples). The call options are the
+    eager context's per-thread ones, so the model's own ``fit()``/``evaluate()``
+    functions, and other threads, keep theirs. Only for full-precision models
+    (:func:`full_precision`): in float16 Grappler's fused ops round otherwise
+    (1e-4 relative), and ``eval_train`` is to equal ``evaluate()``.
+    """
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    before = ctx.function_call_options
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(before.config_proto_serialized)
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    ctx.function_call_options = context.FunctionCallOptions(
+        executor_type=before.executor_type, config_proto=config)
+    try:
+        yield
+    finally:
+        ctx.function_call_options = before

@@ -89,6 +89,13 @@ class Measurement:
     loss_standard_error: float = None
     bn_spread: float = None
 
+    @property
+    def finite(self):
+        """Whether every measured value is finite."""
+        return all(np.isfinite(v) for values in (self.eval_train, self.train_mode,
+                                                 self.precise_bn or {})
+                   for v in values.values())
+
 
 class Measurer:
     """The four measurements of one model, epoch after epoch.
@@ -257,6 +264,20 @@ class Measurer:
 
     def measure(self, probe):
         """All four measurements of the model's current state on ``probe``."""
+        passes = self._compiled(probe)
+        if passes.unoptimized and not _finite_weights(self.model):
+            with passes.as_evaluate():
+                return self._measure(probe)
+        measurement = self._measure(probe)
+        if passes.unoptimized and not measurement.finite:
+            # NaN/inf: which class an argmax picks among NaNs, whether a ReLU
+            # passes a NaN, depend on the kernels: measured again with the fused
+            # kernels fit() and evaluate() run
+            with passes.as_evaluate():
+                return self._measure(probe)
+        return measurement
+
+    def _measure(self, probe):
         train_mode, population, trains = self.train_mode_pass(probe)
         recalibrate = {i: stats for i, stats in enumerate(population)
                        if stats is not None and trains[i]}
@@ -280,6 +301,11 @@ class Measurer:
             probe_size=probe.size, batch_size=self.batch_size, bn=bn,
             loss_standard_error=noise, bn_spread=bn_spread(self.model, self.bn_layers),
         )
+
+
+def _finite_weights(model):
+    return all(np.isfinite(np.asarray(v.numpy())).all() for v in model.weights
+               if np.issubdtype(np.dtype(v.dtype), np.floating))
 
 
 def _batching_matters(model, probe, loss=None):

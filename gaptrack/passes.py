@@ -126,6 +126,18 @@ class CompiledPasses:
         moments)``."""
         return self._runner.infer(data, eval_values, pbn_values, population, moments)
 
+    @property
+    def unoptimized(self):
+        """Whether the passes run without the graph optimiser that ``evaluate()``
+        runs with (TensorFlow, full precision: see
+        :func:`gaptrack.keras_private.unoptimized_tf_calls`)."""
+        return self._runner.unoptimized
+
+    def as_evaluate(self):
+        """A context in which the passes run with the graph optimiser, as
+        ``evaluate()`` does."""
+        return self._runner.as_evaluate()
+
     def random_state(self, seed):
         """A context in which the training-mode pass draws its Dropout masks from
         ``seed``. The seed generators' states are passed in as values, except
@@ -160,23 +172,28 @@ class CompiledPasses:
 
     def _infer_step(self, forward, trainable, non_trainable, x, y, sw, eval_values, pbn_values,
                     population, moments):
-        eval_values, y_pred = forward(trainable, list(non_trainable), x, y, sw, eval_values)
-        moments = self._loss_moments(moments, y, y_pred, sw)
+        eval_values, new_moments = forward(trainable, list(non_trainable), x, y, sw, eval_values,
+                                           moments)
         if population is None:
-            return eval_values, None, moments
+            return eval_values, None, new_moments
         non_trainable = list(non_trainable)
         for i, (mean, var) in population.items():
             i_mean, i_var = self.bn_index[i]
             non_trainable[i_mean] = mean
             non_trainable[i_var] = var
-        pbn_values, _ = forward(trainable, non_trainable, x, y, sw, pbn_values)
-        return eval_values, pbn_values, moments
+        # the same signature as above, so that a traced forward serves both calls
+        pbn_values, _ = forward(trainable, non_trainable, x, y, sw, pbn_values, moments)
+        return eval_values, pbn_values, new_moments
 
-    def _infer_forward(self, trainable, non_trainable, x, y, sw, metric_values):
+    def _infer_forward(self, trainable, non_trainable, x, y, sw, metric_values, moments):
+        """Inference forward, metrics and loss moments of one batch. The moments
+        are taken here, beside the loss, not from a returned ``y_pred``: Keras'
+        crossentropy of a softmax output reads the logits off the softmax op,
+        which a traced function's output no longer shows."""
         _, metric_values, _, y_pred = keras_private.stateless_forward(
             self.model, trainable, non_trainable, x, y, sw, metric_values, training=False,
             loss=self.loss)
-        return metric_values, y_pred
+        return metric_values, self._loss_moments(moments, y, y_pred, sw)
 
     def _loss_moments(self, moments, y, y_pred, sw):
         """Running ``(n, sum l, sum l^2)`` of the per-sample compiled loss ``l``.
@@ -213,6 +230,10 @@ def moments_dtype():
 class _Runner:
     chunk_batches = False
     traces = True
+    unoptimized = False
+
+    def as_evaluate(self):
+        return contextlib.nullcontext()
 
     def random_state(self, seed):
         return contextlib.nullcontext()
@@ -222,23 +243,57 @@ class _TensorFlow(_Runner):
     chunk_batches = True
 
     def __init__(self, passes):
+        self.passes = passes
+        self.unoptimized = keras_private.full_precision(passes.model)
+        #: ``{unoptimized: (training-mode pass, inference step)}``: a function is
+        #: optimised (or not) once, at its first call, so each way has its own.
+        self._functions = {}
+
+    def _pair(self):
         import tensorflow as tf
 
-        self.passes = passes
-        # No AutoGraph, as Keras' own step functions (``do_not_convert``): the
-        # loop is an explicit tf.while_loop, and converting Keras' code took
-        # half the tracing time.
-        self._train = tf.function(self._train_chunk, reduce_retracing=True, autograph=False)
-        self._infer = tf.function(self._infer_step, reduce_retracing=True, autograph=False)
-        # Traced once, called twice by each inference step: the second forward
-        # (population statistics) costs no second trace.
-        self._forward = tf.function(passes._infer_forward, autograph=False)
+        if self.unoptimized not in self._functions:
+            # No AutoGraph, as Keras' own step functions (``do_not_convert``): the
+            # loop is an explicit tf.while_loop, and converting Keras' code took
+            # half the tracing time.
+            self._functions[self.unoptimized] = (
+                tf.function(self._train_chunk, reduce_retracing=True, autograph=False),
+                tf.function(self._infer_step, reduce_retracing=True, autograph=False),
+                # Traced once, called twice by each inference step: the second
+                # forward (population statistics) costs no second trace.
+                tf.function(self.passes._infer_forward, autograph=False))
+        return self._functions[self.unoptimized]
 
     def train(self, data, *state):
-        return self._call(self._train, data, *state)
+        return self._call(self._pair()[0], data, *state)
 
     def infer(self, data, *state):
-        return self._call(self._infer, data, *state)
+        return self._call(self._pair()[1], data, *state)
+
+    def _call(self, function, data, *state):
+        """``function(*data, *state)`` through the trace of ``function`` whose
+        ``data`` (``x, y, sample_weight``) have an unknown batch dimension: as in
+        ``fit()`` (Keras' per-output loss trackers weight batches only when it is
+        known), and one trace serves every batch and chunk size. Full-precision
+        models run without Grappler (:func:`gaptrack.keras_private.unoptimized_tf_calls`)."""
+        import tensorflow as tf
+        from keras import tree
+
+        specs = tree.map_structure(
+            lambda a: None if a is None else tf.TensorSpec((None,) + tuple(a.shape[1:]),
+                                                           tf.as_dtype(a.dtype)), data)
+        concrete = function.get_concrete_function(*specs, *state)
+        with (keras_private.unoptimized_tf_calls() if self.unoptimized
+              else contextlib.nullcontext()):
+            return concrete(*data, *state)
+
+    @contextlib.contextmanager
+    def as_evaluate(self):
+        unoptimized, self.unoptimized = self.unoptimized, False
+        try:
+            yield
+        finally:
+            self.unoptimized = unoptimized
 
     def _train_chunk(self, x, y, sw, metric_values, seeds, sums):
         """The training-mode step over the consecutive training batches of one
@@ -267,22 +322,8 @@ class _TensorFlow(_Runner):
         passes = self.passes
         passes._traces["infer"] += 1
         model = passes.model
-        return passes._infer_step(self._forward, *_values(model),
+        return passes._infer_step(self._pair()[2], *_values(model),
                                   x, y, sw, eval_values, pbn_values, population, moments)
-
-    @staticmethod
-    def _call(function, data, *state):
-        """``function(*data, *state)`` through the trace of ``function`` whose
-        ``data`` (``x, y, sample_weight``) have an unknown batch dimension: as in
-        ``fit()`` (Keras' per-output loss trackers weight batches only when it is
-        known), and one trace serves every batch and chunk size."""
-        import tensorflow as tf
-        from keras import tree
-
-        specs = tree.map_structure(
-            lambda a: None if a is None else tf.TensorSpec((None,) + tuple(a.shape[1:]),
-                                                           tf.as_dtype(a.dtype)), data)
-        return function.get_concrete_function(*specs, *state)(*data, *state)
 
 
 class _Jax(_Runner):

@@ -11,6 +11,9 @@ Usage:
     python distributed.py multiworker OUT.json
         one worker of a MultiWorkerMirroredStrategy job (TF_CONFIG set by the
         caller); OUT.json gets this worker's numbers.
+    python distributed.py jax_data_parallel OUT.json
+        KERAS_BACKEND=jax with 2 host CPU devices (XLA_FLAGS set by the caller),
+        keras.distribution.DataParallel over them.
 """
 
 import json
@@ -22,7 +25,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+    import tensorflow as tf  # noqa: E402
 
 GLOBAL_BATCH = 50
 EPOCHS = 3
@@ -234,5 +239,54 @@ def multiworker(out):
         json.dump(result, f)
 
 
+def jax_data_parallel(out):
+    """``DataParallel`` over the 2 CPU devices: the step is one XLA program over
+    the global batch, so BN normalises with the global batch's moments."""
+    import jax
+    import keras
+
+    import gaptrack
+    from builders import blobs
+    from gaptrack.runs import load_history
+
+    devices = keras.distribution.list_devices("cpu")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    x, y = blobs(400, seed=0)
+    result = {"devices": len(jax.devices()), "backend": keras.backend.backend()}
+
+    # the weights do not move (learning rate 0): fit's loss is the training-mode loss
+    keras.utils.set_random_seed(0)
+    model = _model(bn=True)
+    model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    tracker = gaptrack.GapTracker((x, y), batch_size=GLOBAL_BATCH)
+    fit = model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0,
+                    callbacks=[tracker])
+    history = load_history(tracker.run_id)
+    result["frozen"] = {
+        "fit": {k: v[-1] for k, v in fit.history.items()},
+        "train_mode": tracker.records[-1].train_mode,
+        # what each device's half of a batch alone would give (shuffle=False: the
+        # halves are the consecutive batches of 25)
+        "per_device": gaptrack.measure(model, (x, y), batch_size=GLOBAL_BATCH // 2).train_mode,
+        "tags": history.tags,
+        "spread": tracker.records[-1].bn_spread,
+    }
+
+    # training: eval_train is evaluate() under the distribution
+    keras.utils.set_random_seed(1)
+    model = _model(bn=True)
+    tracker = gaptrack.GapTracker((x, y), batch_size=GLOBAL_BATCH)
+    model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=EPOCHS, verbose=0, callbacks=[tracker])
+    result["trained"] = {
+        "eval_train": tracker.records[-1].eval_train,
+        "evaluate": model.evaluate(x, y, verbose=0, return_dict=True),
+        "moving_mean_sharding": str(model.layers[1].moving_mean.value.sharding),
+    }
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
 if __name__ == "__main__":
-    {"mirrored": mirrored, "multiworker": multiworker}[sys.argv[1]](sys.argv[2])
+    {"mirrored": mirrored, "multiworker": multiworker,
+     "jax_data_parallel": jax_data_parallel}[sys.argv[1]](sys.argv[2])

@@ -214,3 +214,23 @@ def test_multiworker_one_run_logged_by_the_chief(multiworker, mlflow_server):
 def test_multiworker_eval_train_is_the_strategy_evaluation(multiworker):
     chief = multiworker[0]
     assert _close({"loss": chief["eval_train"]["loss"]}, {"loss": chief["strategy_loss"]})
+
+
+# -- JAX: keras.distribution.DataParallel over 2 host CPU devices ----------------------
+
+def test_jax_data_parallel_normalises_bn_over_the_global_batch(tmp_path):
+    """On JAX a data-parallel step is one program over the global batch: BN
+    normalises with the global batch's moments and there is one copy of its
+    moving statistics (SPEC, Distributed training)."""
+    env = _env(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "spool")
+    env.update(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = _run("jax_data_parallel", tmp_path / "out.json", env)
+    assert result["backend"] == "jax" and result["devices"] == 2
+    frozen = result["frozen"]
+    assert _close(frozen["train_mode"], frozen["fit"])
+    # the test can tell: each device's half alone normalises otherwise
+    assert abs(frozen["per_device"]["loss"] - frozen["fit"]["loss"]) > 1e-3
+    assert frozen["tags"][REPLICAS_TAG] == "2"
+    assert frozen["spread"] is None  # one copy of the moving statistics
+    trained = result["trained"]
+    assert _close(trained["eval_train"], trained["evaluate"])
