@@ -26,9 +26,13 @@ the start of the next one, so it includes every callback's epoch-end work. Epoch
 B, D and E log to a SQLite store in a temporary directory. Peak memory is each
 worker's peak resident set (``getrusage``), so TensorFlow's allocations count.
 
+Every variant runs on the Keras backend ``--backend`` names (TensorFlow by
+default; JAX and PyTorch need ``pip install -e '.[jax]'`` / ``'.[torch]'``).
+
 Usage:
     python benchmarks/bench_tracker.py            # 60,000 images, 9 rounds (~35 min on 2 cores)
     python benchmarks/bench_tracker.py --quick    # 6,000 images, a few minutes
+    python benchmarks/bench_tracker.py --quick --backend jax --variants ACDE
 """
 
 import argparse
@@ -181,14 +185,16 @@ class Worker:
         self.epochs.append(self.receive())
 
 
-def environment():
+def environment(backend):
+    from importlib.metadata import version
+
     import keras
     import mlflow
-    import tensorflow as tf
 
+    package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
     return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
             f"load average at start {os.getloadavg()[0]:.1f}; Python {platform.python_version()}, "
-            f"keras {keras.__version__}, tensorflow {tf.__version__}, mlflow {mlflow.__version__}")
+            f"keras {keras.__version__} on {backend} {version(package)}, mlflow {mlflow.__version__}")
 
 
 def main():
@@ -197,6 +203,8 @@ def main():
                         help="6,000 images and 5 measured epochs instead of 60,000 and 9")
     parser.add_argument("--rounds", type=int, help="measured epochs per variant")
     parser.add_argument("--variants", default="ABCDEF")
+    parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "tensorflow"),
+                        choices=["tensorflow", "jax", "torch"], help="the Keras backend")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,7 +214,8 @@ def main():
     samples, rounds = (6_000, 5) if args.quick else (60_000, 9)
     rounds = args.rounds or rounds
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
-    print(f"environment: {environment()}")
+    os.environ["KERAS_BACKEND"] = args.backend
+    print(f"environment: {environment(args.backend)}")
     print(f"case: 20 x (Dense(100) -> BN -> ELU) MLP, batch 32, Fashion-MNIST {samples:,} "
           f"images, {rounds} measured epochs per variant after a warm-up, interleaved; "
           f"scratch {tmp}", flush=True)

@@ -126,6 +126,11 @@ class Measurer:
     """
 
     def __init__(self, model, batch_size, seed=0, inference_batch_size=None, loss=None):
+        backend = compiled.backend()
+        if backend not in compiled.BACKENDS:
+            raise MeasureError(
+                f"Keras runs on the {backend!r} backend; gaptrack measures on "
+                f"{', '.join(map(repr, compiled.BACKENDS))} (set KERAS_BACKEND)")
         if not getattr(model, "compiled", False):
             raise MeasureError(
                 f"model {model.name!r} is not compiled; call model.compile(optimizer, "

@@ -380,6 +380,8 @@ class _Torch(_Runner):
 
 
 _RUNNERS = {"tensorflow": _TensorFlow, "jax": _Jax, "torch": _Torch}
+#: The Keras backends gaptrack measures on.
+BACKENDS = tuple(_RUNNERS)
 
 
 def _values(model):

@@ -1,6 +1,10 @@
 """Bad input to the library: one clear error naming the value, before any training
 step, and nothing written to the store that a later run would trip over."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import mlflow
 import numpy as np
@@ -90,3 +94,20 @@ def test_nan_losses_are_recorded_not_a_crash(sqlite_uri):
     assert np.isnan(run.data.metrics["fit/loss"]) and np.isnan(run.data.metrics["eval_train/loss"])
     assert run.data.tags["gaptrack.diagnosis"] == "nonfinite"
     assert run.info.status == "FINISHED"
+
+
+def test_a_backend_gaptrack_does_not_measure_on_is_named():
+    """On Keras' numpy backend (inference only) measure() refuses, naming the
+    backend and those it measures on."""
+    script = (
+        "import keras, numpy as np, gaptrack\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])\n"
+        "m.compile('sgd', 'mse')\n"
+        "try:\n"
+        "    gaptrack.measure(m, (np.zeros((4, 3)), np.zeros((4, 2))))\n"
+        "except gaptrack.measurement.MeasureError as e:\n"
+        "    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, KERAS_BACKEND="numpy"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'numpy' backend" in proc.stdout and "'tensorflow', 'jax', 'torch'" in proc.stdout
