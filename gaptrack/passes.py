@@ -23,9 +23,11 @@ How each backend runs them (:func:`runner`), as its own trainer runs
   and with the population statistics). One trace serves every batch size, the
   last partial batch included: the batch dimension is unknown when traced, as
   in ``fit()``.
-- **JAX**: ``jax.jit`` of one batch's step, traced once per batch shape (the
-  full batches, and the last partial one), as Keras' JAX trainer does; under
-  ``keras.distribution`` the weights keep their layouts.
+- **JAX**: ``jax.jit``, traced once per shape: the training-mode pass runs the
+  whole batches of a chunk in one ``lax.scan`` (one trace per number of batches in
+  a chunk) and a last partial batch on its own; the inference step once per batch
+  shape, as Keras' JAX trainer does. Under ``keras.distribution`` the weights keep
+  their layouts.
 - **PyTorch**: eager, one batch per call, under ``torch.no_grad()``.
 
 Tracing costs more than a pass over a 6,000-sample probe, so each function is
@@ -327,13 +329,29 @@ class _TensorFlow(_Runner):
 
 
 class _Jax(_Runner):
+    chunk_batches = True
 
     def __init__(self, passes):
         import jax
 
         self.passes = passes
+        self._scan = jax.jit(self._scan_steps)
         self._train = jax.jit(self._train_step)
         self._infer = jax.jit(self._infer_step)
+
+    def _scan_steps(self, trainable, non_trainable, batches, metric_values, seeds, sums):
+        """The training-mode step over ``batches`` (whole training batches stacked
+        on a leading axis), batch after batch in a ``lax.scan``: one call for
+        them all, as the TensorFlow pass's graph loop."""
+        from jax import lax
+
+        self.passes._traces["train"] += 1
+
+        def body(carry, batch):
+            return self.passes._train_step(trainable, non_trainable, *batch, *carry), None
+
+        carry, _ = lax.scan(body, (metric_values, seeds, sums), batches)
+        return carry
 
     def _train_step(self, *args):
         self.passes._traces["train"] += 1
@@ -343,8 +361,23 @@ class _Jax(_Runner):
         self.passes._traces["infer"] += 1
         return self.passes._infer_step(self.passes._infer_forward, *args)
 
-    def train(self, data, *state):
-        return self._train(*_values(self.passes.model), *_tensors(data), *state)
+    def train(self, data, metric_values, seeds, sums):
+        from keras import tree
+
+        b = self.passes.batch_size
+        n = _num_samples(data)
+        whole = n // b
+        state = (metric_values, seeds, sums)
+        values = _values(self.passes.model)
+        if whole:
+            batches = tree.map_structure(
+                lambda a: None if a is None else a[:whole * b].reshape((whole, b) + a.shape[1:]),
+                data)
+            state = self._scan(*values, _tensors(batches), *state)
+        if n % b:
+            rest = tree.map_structure(lambda a: None if a is None else a[whole * b:], data)
+            state = self._train(*values, *_tensors(rest), *state)
+        return tuple(state)
 
     def infer(self, data, *state):
         return self._infer(*_values(self.passes.model), *_tensors(data), *state)
@@ -388,6 +421,12 @@ def _values(model):
     """The model's trainable and non-trainable values, as arguments."""
     return ([v.value for v in model.trainable_variables],
             [v.value for v in model.non_trainable_variables])
+
+
+def _num_samples(data):
+    from keras import tree
+
+    return next(a for a in tree.flatten(data) if a is not None).shape[0]
 
 
 def _tensors(data):
