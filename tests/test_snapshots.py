@@ -92,7 +92,8 @@ def test_population_statistics_in_the_snapshot_equal_numpy(sqlite_uri):
     tracker = gaptrack.GapTracker((x, y), batch_size=20)
     model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[tracker])
     dense = model.layers[0]
-    h = keras.ops.convert_to_numpy(dense(x)).astype(np.float64)  # the BN's input (nothing random before it)
+    # the BN's input (nothing random before it)
+    h = keras.ops.convert_to_numpy(dense(x)).astype(np.float64)
     batches = [h[s:s + 20] for s in range(0, 80, 20)]
     mean = np.mean([b.mean(0) for b in batches], axis=0)  # equal batch sizes
     var = np.mean([b.var(0) for b in batches], axis=0)
