@@ -43,9 +43,10 @@ def all_state(model):
 
 
 class OwnStep(keras.Model):
-    """The Keras guide's custom ``train_step``: with ``compute_loss`` (a model
-    compiled with a loss), or with a loss of its own, ``own_loss(y, y_pred)``, for
-    a model compiled with an optimizer (and metrics) only."""
+    """The Keras guide's custom ``train_step`` (TensorFlow only: ``tf.GradientTape``):
+    with ``compute_loss`` (a model compiled with a loss), or with a loss of its own,
+    ``own_loss(y, y_pred)``, for a model compiled with an optimizer (and metrics)
+    only. :class:`OwnLoss` is the latter on every backend."""
 
     def __init__(self, *args, own_loss=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -67,3 +68,17 @@ class OwnStep(keras.Model):
             else:
                 metric.update_state(y, y_pred)
         return self.get_metrics_result()
+
+
+class OwnLoss(keras.Model):
+    """A model whose ``fit()`` reports a loss of its own, ``mean(own_loss(y, y_pred))``,
+    from an overridden ``compute_loss`` (as Keras documents it, on every backend),
+    for a model compiled with an optimizer (and metrics) only: its compiled loss
+    does not define the loss ``fit()`` reports."""
+
+    def __init__(self, *args, own_loss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.own_loss = own_loss
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return keras.ops.mean(self.own_loss(y, y_pred))

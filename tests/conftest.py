@@ -4,12 +4,15 @@ Nothing is written into ``~`` and nothing reaches the internet: the environment
 variables below are set before Keras, TensorFlow or MLflow are imported.
 """
 
+import atexit
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import urllib.request
@@ -195,3 +198,156 @@ def server_uri(mlflow_server, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(mlflow_server.url)
     yield mlflow_server.url
     _forget_mlflow_state()
+
+
+# --- Keras backends -----------------------------------------------------------
+#
+# The suite runs on the default backend, TensorFlow. ``tests/test_backends.py``
+# runs the contract modules below on JAX and PyTorch too, each in a subprocess
+# that starts in the background when the session starts (at the lowest CPU
+# priority: most of the suite keeps one core busy, they use the other) and that
+# its test waits for at the end of the session.
+
+#: The modules whose tests hold on every backend.
+CONTRACT_MODULES = ("tests/test_measurement.py", "tests/test_callback.py",
+                    "tests/test_autologging.py", "tests/test_snapshots.py",
+                    "tests/test_recalibrate.py")
+#: The other backends the contract modules run on.
+OTHER_BACKENDS = ("jax", "torch")
+#: Whether the backend runs go one after the other (else both at once).
+BACKEND_RUNS_IN_SERIES = True
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tensorflow_only(reason): the test needs TensorFlow itself (not only as a "
+        "Keras backend); skipped on the other backends with 'TensorFlow only: <reason>'")
+    config.addinivalue_line(
+        "markers", "backend_independent: the test exercises MLflow tracking only, no Keras "
+        "computation, so the runs on other backends leave it out")
+
+
+def keras_backend():
+    import keras
+
+    return keras.backend.backend()
+
+
+def pytest_collection_modifyitems(config, items):
+    """TensorFlow-only tests are skipped on the other backends, and the backend
+    tests go last (they wait for their background runs)."""
+    tensorflow_only = [item for item in items if item.get_closest_marker("tensorflow_only")]
+    if tensorflow_only and keras_backend() != "tensorflow":
+        for item in tensorflow_only:
+            marker = item.get_closest_marker("tensorflow_only")
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"TensorFlow only: {reason}"))
+    items.sort(key=lambda item: item.path.name == "test_backends.py")
+
+
+class BackendRun:
+    """The contract modules' pytest run on ``backend``, in a subprocess (its output
+    in :attr:`log`, its JUnit XML in :attr:`junit`)."""
+
+    def __init__(self, backend, folder):
+        self.backend = backend
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.log = self.folder / "output.txt"
+        self.junit = self.folder / "junit.xml"
+        self.proc = None
+        self.returncode = None
+        self.seconds = None
+        self.cancelled = False
+        self._done = threading.Event()
+
+    def command(self):
+        return ["nice", "-n", "19", sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                f"--junitxml={self.junit}", f"--basetemp={self.folder / 'tmp'}",
+                "-m", "not backend_independent", "-q", *CONTRACT_MODULES]
+
+    def start(self):
+        """Run the subprocess to its end (it inherits the sandbox's environment);
+        nothing once :meth:`kill` was called."""
+        started = time.monotonic()
+        with _BACKEND_RUNS_LOCK:
+            if not self.cancelled:
+                with open(self.log, "wb") as log:
+                    self.proc = subprocess.Popen(
+                        self.command(), cwd=REPO, env={**os.environ, "KERAS_BACKEND": self.backend},
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True)
+        if self.proc is not None:
+            self.returncode = self.proc.wait()
+            self.seconds = time.monotonic() - started
+        self._done.set()
+
+    def wait(self, timeout):
+        """The exit code, once the run ended (``None``: still running after ``timeout`` s)."""
+        self._done.wait(timeout)
+        return self.returncode
+
+    def output_tail(self, lines=60):
+        text = self.log.read_text(errors="replace") if self.log.exists() else "(no output)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self):
+        """End the run (its whole process group), or keep it from starting."""
+        with _BACKEND_RUNS_LOCK:
+            self.cancelled = True
+            if self.proc is not None and self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+#: ``{backend: BackendRun}`` of this session.
+_BACKEND_RUNS = {}
+_BACKEND_RUNS_LOCK = threading.Lock()
+
+
+def _start_backend_runs(backends):
+    """Start the runs on ``backends`` in a background thread: one after the other
+    (:data:`BACKEND_RUNS_IN_SERIES`) or both at once."""
+    folder = Path(tempfile.mkdtemp(prefix="backend-runs-", dir=_SANDBOX))
+    runs = [_BACKEND_RUNS.setdefault(b, BackendRun(b, folder / b)) for b in backends]
+    groups = [runs] if BACKEND_RUNS_IN_SERIES else [[run] for run in runs]
+    for group in groups:
+        threading.Thread(target=lambda group=group: [run.start() for run in group],
+                         name="backend-runs", daemon=True).start()
+
+
+def _stop_backend_runs():
+    for run in _BACKEND_RUNS.values():
+        run.kill()
+
+
+atexit.register(_stop_backend_runs)
+
+
+def backend_run(backend):
+    """The contract modules' run on ``backend``: started at session start when its
+    test was collected, or now."""
+    if backend not in _BACKEND_RUNS:
+        _start_backend_runs([backend])
+    return _BACKEND_RUNS[backend]
+
+
+def pytest_collection_finish(session):
+    """Start the contract runs of the backend tests that were collected (and not
+    deselected), so that they run while the rest of the suite does."""
+    backends = [item.callspec.params["backend"] for item in session.items
+                if item.path.name == "test_backends.py"
+                and item.originalname == "test_the_contract_tests_pass_on_backend"]
+    if backends and not session.config.option.collectonly and keras_backend() == "tensorflow":
+        _start_backend_runs(backends)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _stop_backend_runs()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _keras_backend_property(request, record_testsuite_property):
+    """The JUnit XML says which backend the session ran on."""
+    if request.config.option.xmlpath:
+        record_testsuite_property("keras_backend", keras_backend())
