@@ -169,9 +169,10 @@ def test_passes_are_traced_once_per_model_and_released_with_it():
     if keras.backend.backend() == "tensorflow":  # one trace for every batch size
         assert passes.traces == {"train": 1, "infer": 1}
     elif keras.backend.backend() == "jax":
-        # one per batch shape: training 16, 4 (100 samples) and 13 (77 = 4 * 16 + 13);
-        # inference 48, 4 (100 = 2 * 48 + 4) and 29 (77 = 48 + 29)
-        assert passes.traces == {"train": 3, "infer": 3}
+        # training: one scan per number of whole batches in a chunk, 6 (100 = 6 * 16
+        # + 4) and 4 (77 = 4 * 16 + 13), one step per partial batch, 4 and 13;
+        # inference: one per batch shape, 48, 4 (100 = 2 * 48 + 4) and 29 (77 = 48 + 29)
+        assert passes.traces == {"train": 4, "infer": 3}
     else:  # PyTorch runs eagerly
         assert passes.traces is None
     alive = weakref.ref(model)
