@@ -51,8 +51,9 @@ def test_the_contract_tests_pass_on_backend(backend):
                     f"TensorFlow only (this one runs on {keras.backend.backend()})")
     run = conftest.backend_run(backend)
     code = run.wait(RUN_TIMEOUT)
-    assert code == 0, (f"the contract tests on {backend} ended with exit code {code} "
-                       f"(output: {run.log}):\n{run.output_tail()}")
+    ended = (f"did not end within {RUN_TIMEOUT} s" if code is None
+             else f"ended with exit code {code}")
+    assert code == 0, f"the contract tests on {backend} {ended} ({run.log}):\n{run.output_tail()}"
     properties, cases = junit_results(run.junit)
     assert properties.get("keras_backend") == backend
     passed = [name for name, outcome, _ in cases if outcome == "passed"]
