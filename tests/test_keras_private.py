@@ -41,3 +41,27 @@ def test_class_weights_and_validation_split_as_fit_takes_them():
     (train_x, train_y) = keras_private.train_validation_split((x, x * 2), 0.2)
     np.testing.assert_array_equal(train_x, x[:8])  # Keras keeps the first 80%
     np.testing.assert_array_equal(train_y, x[:8] * 2)
+
+
+def test_unoptimized_calls_are_this_threads_and_end_with_the_block():
+    """Grappler is off inside the block for this thread's calls only, and the
+    call options are the very same object again after it (fit()'s keep theirs)."""
+    import threading
+
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    def meta_optimizer_off():
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+        return config.graph_options.rewrite_options.disable_meta_optimizer
+
+    before = context.context().function_call_options
+    seen = {}
+    with keras_private.unoptimized_tf_calls():
+        seen["inside"] = meta_optimizer_off()
+        other = threading.Thread(target=lambda: seen.update(other=meta_optimizer_off()))
+        other.start()
+        other.join()
+    assert seen == {"inside": True, "other": False}
+    assert context.context().function_call_options is before and not meta_optimizer_off()
