@@ -151,6 +151,8 @@ class GapTracker(keras.callbacks.Callback):
         self._last_attempt = None
         self._tags = {}
         self._guard = Guard()
+        #: The epoch images' renderer (:class:`gaptrack.publish.EpochImages`).
+        self._images = None
 
     @property
     def run_id(self):
@@ -166,6 +168,7 @@ class GapTracker(keras.callbacks.Callback):
         self.records = []
         self._measurer = None
         self.logger = None
+        self._images = None
         self._fingerprints = {}
         self._last_attempt = None
         self._guard.reset()
@@ -182,6 +185,7 @@ class GapTracker(keras.callbacks.Callback):
                                keys.BATCH_SIZE_TAG: str(self.batch_size)})
         with self._guard("starting the MLflow run"):
             self.logger = RunLogger(self._given_run_id, close_timeout=self.close_timeout)
+            self._images = publish.EpochImages(self.logger)
             self.logger.set_tags(self._tags)
         if self.probe is not None:
             with self._guard("preparing the measurement"):
@@ -213,6 +217,8 @@ class GapTracker(keras.callbacks.Callback):
         with self._guard("logging the summaries"):
             self.logger.log_metrics(keys.summary_metrics(summaries, worst), step=0)
             self.logger.set_tags(self._tags)
+        with self._guard("charting the epoch", kind="charting"):
+            self._images.finish(self.logger.remaining_budget())
         if any(r.parts for r in self.records):
             with self._guard("the report"):
                 publish.log_report(self.logger, self.records, self._tags)
@@ -259,7 +265,8 @@ class GapTracker(keras.callbacks.Callback):
                 self.logger.log_metrics(keys.epoch_metrics(record), step=step)
             if record.parts:
                 with self._guard("charting the epoch", kind="charting"):
-                    publish.log_epoch_images(self.logger, record)
+                    self._images.check()  # a failure of an earlier epoch's images
+                    self._images.submit(record)
             self._tag_failures()
         return record
 

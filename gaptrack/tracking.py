@@ -25,6 +25,7 @@ This module knows MLflow and pandas, not Keras.
 """
 
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -76,6 +77,9 @@ class RunLogger:
         if self.owns_run:
             meta.update(_experiment(), run_tags=_run_tags())
         self.spool = Spool.create(meta)
+        #: Queueing is safe from any thread (the epoch images are queued from
+        #: their rendering thread): one operation's slot, file and entry at a time.
+        self._lock = threading.RLock()
         self._seq = 0
         self._end_deadline = None
         self._sender = BackgroundSender(self.spool, self.tracking_uri)
@@ -97,10 +101,11 @@ class RunLogger:
     # -- queueing ----------------------------------------------------------------
 
     def _enqueue(self, op):
-        op["seq"] = self._seq
-        self._seq += 1
-        self.spool.append(op)
-        self._sender.submit(op)
+        with self._lock:
+            op["seq"] = self._seq
+            self._seq += 1
+            self.spool.append(op)
+            self._sender.submit(op)
 
     def log_metrics(self, metrics, step):
         """Queue ``{key: value}`` at ``step`` (one ``log_batch`` request)."""
@@ -131,10 +136,11 @@ class RunLogger:
 
     def _log_file(self, artifact_path, write):
         directory, name = _split_artifact_path(artifact_path)
-        target = self._file_slot(name)
-        write(target)
-        self._enqueue({"type": "artifact", "path": str(target.relative_to(self.spool.dir)),
-                       "dir": directory})
+        with self._lock:
+            target = self._file_slot(name)
+            write(target)
+            self._enqueue({"type": "artifact", "path": str(target.relative_to(self.spool.dir)),
+                           "dir": directory})
 
     def log_image(self, image_bytes_png, key, step):
         """Queue a PNG image at ``step`` under ``key``, stored as
@@ -143,9 +149,10 @@ class RunLogger:
         if not IMAGE_KEY.match(key or ""):
             raise ValueError(f"image key must be letters, digits, '_', '-', '.', ' ' and "
                              f"'/', got {key!r}")
-        target = self._file_slot(step_image_name(key, int(step), _now_ms(), uuid.uuid4()))
-        target.write_bytes(image_bytes_png)
-        self._enqueue({"type": "image", "path": str(target.relative_to(self.spool.dir))})
+        with self._lock:
+            target = self._file_slot(step_image_name(key, int(step), _now_ms(), uuid.uuid4()))
+            target.write_bytes(image_bytes_png)
+            self._enqueue({"type": "image", "path": str(target.relative_to(self.spool.dir))})
 
     def _file_slot(self, name):
         slot = self.spool.dir / "files" / str(self._seq)

@@ -98,3 +98,50 @@ def test_guard_warns_once_per_kind_and_keeps_the_last_failure(monkeypatch):
         "gaptrack: the report failed (KeyError: 'x'); training goes on"]
     assert guard.summary == "measuring epoch 2: ValueError: bad 2; the report: KeyError: 'x'"
     assert np.all([w.filename == __file__ for w in caught])
+
+
+def test_epoch_images_render_off_the_training_thread_and_a_failure_is_one_warning(
+        sqlite_uri, monkeypatch):
+    """The step images are drawn in the tracker's own thread, all of them before
+    the run ends; when drawing fails, that is one warning in the training thread,
+    and the epochs' metrics are all logged."""
+    import threading
+
+    from gaptrack import charts
+
+    drawn, training = [], threading.current_thread()
+    figure = charts.epoch_decomposition_figure
+
+    def recording(record, names):
+        drawn.append((record.step, threading.current_thread()))
+        return figure(record, names)
+
+    monkeypatch.setattr(charts, "epoch_decomposition_figure", recording)
+    tracker = gaptrack.GapTracker((x, y), batch_size=16)
+    fit_recording(mlp(bn=True), tracker)
+    assert [step for step, _ in drawn] == [0, 1, 2]
+    assert all(thread is not training and thread.name.startswith("gaptrack-images")
+               for _, thread in drawn)
+    client = MlflowClient()
+    images = [f.path.split("/")[-1] for f in client.list_artifacts(tracker.run_id, "images")]
+    steps = {int(name.split("+")[2]) for name in images
+             if name.startswith("gaptrack.decomposition")}
+    assert steps == {0, 1, 2}
+
+    monkeypatch.delenv("GAPTRACK_TESTING")
+
+    def broken(record, names):
+        raise RuntimeError(f"no font at epoch {record.step}")
+
+    monkeypatch.setattr(charts, "epoch_decomposition_figure", broken)
+    tracker = gaptrack.GapTracker((x, y), batch_size=16)
+    history, failures = fit_recording(mlp(bn=True), tracker)
+    assert len(failures) == 1, failures
+    assert failures[0].startswith("gaptrack: charting the epoch failed (RuntimeError: no font "
+                                  "at epoch ")
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert "charting the epoch: RuntimeError: no font" in run.data.tags["gaptrack.error"]
+    for key in ("fit/loss", "eval_train/loss", "gap/loss"):
+        assert [p.step for p in client.get_metric_history(tracker.run_id, key)] == [0, 1, 2]
+    assert client.list_artifacts(tracker.run_id, "images") == []

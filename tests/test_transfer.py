@@ -111,11 +111,13 @@ def test_learns_and_logs_evaluate_on_the_probe(forms, freeze):
 
 def test_fine_tuned_base_evaluate_is_worse_than_fit_from_stale_bn(forms):
     """freeze=0: the BN layers train; evaluate() with their moving statistics
-    is far worse than fit(), the gap is bn_ema, and recalibrating the moving
-    statistics on the probe closes it."""
+    is several times worse than fit(), the gap is bn_ema, and recalibrating the
+    moving statistics on the probe closes it. How much worse depends on the seed
+    and on the CPU's kernels (``projects/transfer.py``): 1.16 against 0.015 with
+    oneDNN, 0.064 against 0.009 without."""
     form = forms[0]
     fit, evaluate = form.metric("fit/loss"), form.evaluate
-    assert evaluate - fit > 0.5
+    assert evaluate > 3 * fit
     assert form.metric("gap/loss") == pytest.approx(fit - evaluate, rel=1e-4)
     assert form.run.data.tags["gaptrack.diagnosis"] == "bn_ema"
     bn_ema = form.metric("gap/loss/bn_ema")
