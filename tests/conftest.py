@@ -213,10 +213,11 @@ def server_uri(mlflow_server, tmp_path, monkeypatch):
 # --- Keras backends -----------------------------------------------------------
 #
 # The suite runs on the default backend, TensorFlow. ``tests/test_backends.py``
-# runs the contract modules below on JAX and PyTorch too, each in a subprocess
-# that starts in the background when the session starts (at the lowest CPU
-# priority: most of the suite keeps one core busy, they use the other) and that
-# its test waits for at the end of the session.
+# runs the contract modules below on JAX and PyTorch too, and
+# ``tests/no_tensorflow.py`` on each, every one in a subprocess that starts in
+# the background when the session starts (at the lowest CPU priority: most of
+# the suite keeps one core busy, they use the other) and that its test waits for
+# at the end of the session.
 
 #: The modules whose tests hold on every backend.
 CONTRACT_MODULES = ("tests/test_measurement.py", "tests/test_callback.py",
@@ -257,16 +258,25 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name == "test_backends.py")
 
 
-class BackendRun:
-    """The contract modules' pytest run on ``backend``, in a subprocess (its output
-    in :attr:`log`, its JUnit XML in :attr:`junit`)."""
+#: What a background run on another backend runs: the contract modules' pytest
+#: run, or ``tests/no_tensorflow.py`` (gaptrack's whole path, without TensorFlow).
+CONTRACT, NO_TENSORFLOW = "contract", "no_tensorflow"
 
-    def __init__(self, backend, folder):
+
+class BackendRun:
+    """A run on ``backend`` in a subprocess (its output in :attr:`log`): the
+    contract modules' pytest run (``kind`` :data:`CONTRACT`, its JUnit XML in
+    :attr:`junit`), or ``tests/no_tensorflow.py`` (:data:`NO_TENSORFLOW`, what
+    it writes in :attr:`out`)."""
+
+    def __init__(self, backend, folder, kind=CONTRACT):
         self.backend = backend
+        self.kind = kind
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = self.folder / "output.txt"
         self.junit = self.folder / "junit.xml"
+        self.out = self.folder / "out.json"
         self.proc = None
         self.returncode = None
         self.seconds = None
@@ -274,6 +284,9 @@ class BackendRun:
         self._done = threading.Event()
 
     def command(self):
+        if self.kind == NO_TENSORFLOW:
+            return ["nice", "-n", "19", sys.executable, str(REPO / "tests" / "no_tensorflow.py"),
+                    f"sqlite:///{self.folder / 'mlflow.db'}", str(self.out)]
         return ["nice", "-n", "19", sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
                 f"--junitxml={self.junit}", f"--basetemp={self.folder / 'tmp'}",
                 "-m", "not backend_independent", "-q", *CONTRACT_MODULES]
@@ -297,7 +310,8 @@ class BackendRun:
             if not self.cancelled:
                 with open(self.log, "wb") as log:
                     self.proc = subprocess.Popen(
-                        self.command(), cwd=REPO, env=self.environment(),
+                        self.command(), cwd=REPO if self.kind == CONTRACT else self.folder,
+                        env=self.environment(),
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                         start_new_session=True)
         if self.proc is not None:
@@ -323,16 +337,18 @@ class BackendRun:
                     os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-#: ``{backend: BackendRun}`` of this session.
+#: ``{(kind, backend): BackendRun}`` of this session.
 _BACKEND_RUNS = {}
 _BACKEND_RUNS_LOCK = threading.Lock()
 
 
-def _start_backend_runs(backends):
-    """Start the runs on ``backends`` in a background thread: one after the other
-    (:data:`BACKEND_RUNS_IN_SERIES`) or both at once."""
+def _start_backend_runs(wanted):
+    """Start the runs ``wanted`` (``[(kind, backend)]``) in a background thread:
+    one after the other (:data:`BACKEND_RUNS_IN_SERIES`) or each at once."""
     folder = Path(tempfile.mkdtemp(prefix="backend-runs-", dir=_SANDBOX))
-    runs = [_BACKEND_RUNS.setdefault(b, BackendRun(b, folder / b)) for b in backends]
+    runs = [_BACKEND_RUNS.setdefault((kind, backend),
+                                     BackendRun(backend, folder / f"{kind}-{backend}", kind))
+            for kind, backend in wanted]
     groups = [runs] if BACKEND_RUNS_IN_SERIES else [[run] for run in runs]
     for group in groups:
         threading.Thread(target=lambda group=group: [run.start() for run in group],
@@ -347,22 +363,27 @@ def _stop_backend_runs():
 atexit.register(_stop_backend_runs)
 
 
-def backend_run(backend):
-    """The contract modules' run on ``backend``: started at session start when its
-    test was collected, or now."""
-    if backend not in _BACKEND_RUNS:
-        _start_backend_runs([backend])
-    return _BACKEND_RUNS[backend]
+def backend_run(backend, kind=CONTRACT):
+    """The run of ``kind`` on ``backend``: started at session start when its test
+    was collected, or now."""
+    if (kind, backend) not in _BACKEND_RUNS:
+        _start_backend_runs([(kind, backend)])
+    return _BACKEND_RUNS[kind, backend]
+
+
+#: The tests of ``tests/test_backends.py`` that wait for a background run.
+_BACKEND_TESTS = {"test_the_contract_tests_pass_on_backend": CONTRACT,
+                  "test_no_tensorflow_import_on_backend": NO_TENSORFLOW}
 
 
 def pytest_collection_finish(session):
-    """Start the contract runs of the backend tests that were collected (and not
-    deselected), so that they run while the rest of the suite does."""
-    backends = [item.callspec.params["backend"] for item in session.items
-                if item.path.name == "test_backends.py"
-                and item.originalname == "test_the_contract_tests_pass_on_backend"]
-    if backends and not session.config.option.collectonly and keras_backend() == "tensorflow":
-        _start_backend_runs(backends)
+    """Start the background runs of the backend tests that were collected (and
+    not deselected), so that they run while the rest of the suite does."""
+    wanted = [(_BACKEND_TESTS[item.originalname], item.callspec.params["backend"])
+              for item in session.items
+              if item.path.name == "test_backends.py" and item.originalname in _BACKEND_TESTS]
+    if wanted and not session.config.option.collectonly and keras_backend() == "tensorflow":
+        _start_backend_runs(sorted(wanted))  # the contract runs first: they are the longest
 
 
 def pytest_sessionfinish(session, exitstatus):

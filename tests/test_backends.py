@@ -1,14 +1,12 @@
 """gaptrack on the other Keras backends, JAX and PyTorch.
 
 The contract modules (``conftest.CONTRACT_MODULES``) run on each in a pytest
-subprocess, started in the background when the session starts (see
-``conftest.py``); their tests here wait for them, at the end of the session.
+subprocess, and ``tests/no_tensorflow.py`` in one of its own, all started in the
+background when the session starts (see ``conftest.py``); their tests here wait
+for them, at the end of the session.
 """
 
 import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ElementTree
 
 import keras
@@ -50,10 +48,7 @@ def test_the_contract_tests_pass_on_backend(backend):
         pytest.skip(f"the contract runs on the other backends start from a session on "
                     f"TensorFlow only (this one runs on {keras.backend.backend()})")
     run = conftest.backend_run(backend)
-    code = run.wait(RUN_TIMEOUT)
-    ended = (f"did not end within {RUN_TIMEOUT} s" if code is None
-             else f"ended with exit code {code}")
-    assert code == 0, f"the contract tests on {backend} {ended} ({run.log}):\n{run.output_tail()}"
+    _finished(run)
     properties, cases = junit_results(run.junit)
     assert properties.get("keras_backend") == backend
     passed = [name for name, outcome, _ in cases if outcome == "passed"]
@@ -64,79 +59,23 @@ def test_the_contract_tests_pass_on_backend(backend):
     assert not [case for case in cases if case[1] in ("failure", "error")]
 
 
-#: Trains, measures, recalibrates and autologs a small BN + Dropout model, and
-#: prints what it logged and whether TensorFlow was imported. No
-#: keras.utils.set_random_seed: it imports TensorFlow when it is installed.
-NO_TENSORFLOW = r"""
-import json
-import sys
-
-import mlflow
-import numpy as np
-
-import gaptrack
-import keras
-from mlflow.tracking import MlflowClient
-
-sys.path.insert(0, sys.argv[2])
-from builders import blobs
-
-mlflow.set_tracking_uri(sys.argv[1])
-x, y = blobs(96)
-model = keras.Sequential([
-    keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
-    keras.layers.BatchNormalization(name="bn"), keras.layers.Dropout(0.3, seed=1),
-    keras.layers.Dense(3, activation="softmax"),
-])
-model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-probe = (x, y)
-tracker = gaptrack.GapTracker(probe, batch_size=16)
-model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[tracker])
-evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
-moving_mean = model.get_layer("bn").moving_mean.numpy().astype(np.float64).tolist()
-measured = gaptrack.measure(model, probe, batch_size=16)
-table = gaptrack.recalibrate_bn(model, probe, batch_size=16)
-recalibrated = model.evaluate(x, y, verbose=0, return_dict=True)
-snapshots = gaptrack.load_bn_snapshots(tracker.run_id)
-last = snapshots[snapshots.epoch == snapshots.epoch.max()].sort_values("channel")
-logged = {p.step: p.value
-          for p in MlflowClient().get_metric_history(tracker.run_id, "eval_train/loss")}
-gaptrack.autolog()
-with mlflow.start_run() as run:
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-autologged = MlflowClient().get_run(run.info.run_id).data.metrics
-after = model.evaluate(x, y, verbose=0, return_dict=True)
-print(json.dumps({
-    "tensorflow_imported": "tensorflow" in sys.modules,
-    "backend": keras.backend.backend(),
-    "logged_eval_train_loss": logged[max(logged)],
-    "logged_epochs": sorted(logged),
-    "evaluate": evaluated,
-    "measured_eval_train": measured.eval_train,
-    "measured_precise_bn": measured.precise_bn,
-    "recalibrated": recalibrated,
-    "recalibrated_layers": table.recalibrated.tolist(),
-    "snapshot_epoch": int(last.epoch.max()),
-    "snapshot_layers": sorted(last.layer.unique()),
-    "snapshot_moving_mean": last.moving_mean.tolist(),
-    "moving_mean": moving_mean,
-    "autologged_eval_train_loss": autologged.get("eval_train/loss"),
-    "evaluate_after_autologged_fit": after,
-}))
-"""
+def _finished(run):
+    """Wait for ``run`` to end; assert that it succeeded."""
+    code = run.wait(RUN_TIMEOUT)
+    ended = (f"did not end within {RUN_TIMEOUT} s" if code is None
+             else f"ended with exit code {code}")
+    assert code == 0, (f"the {run.kind} run on {run.backend} {ended} ({run.log}):\n"
+                       f"{run.output_tail()}")
 
 
 @pytest.mark.parametrize("backend", conftest.OTHER_BACKENDS)
-def test_no_tensorflow_import_on_backend(backend, tmp_path):
+def test_no_tensorflow_import_on_backend(backend):
     """On JAX and PyTorch gaptrack's whole path (tracker, measure, recalibrate_bn,
-    snapshots, autolog) runs without importing TensorFlow."""
-    done = subprocess.run(
-        [sys.executable, "-c", NO_TENSORFLOW, f"sqlite:///{tmp_path / 'mlflow.db'}",
-         str(conftest.REPO / "tests")],
-        cwd=tmp_path, env={**os.environ, "KERAS_BACKEND": backend},
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-5000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    snapshots, autolog) runs without importing TensorFlow: ``tests/no_tensorflow.py``,
+    started in the background at session start."""
+    run = conftest.backend_run(backend, conftest.NO_TENSORFLOW)
+    _finished(run)
+    out = json.loads(run.out.read_text())
     assert out["backend"] == backend
     assert out["tensorflow_imported"] is False
     assert out["logged_epochs"] == [0, 1]
