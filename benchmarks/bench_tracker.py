@@ -186,15 +186,16 @@ class Worker:
 
 
 def environment(backend):
-    from importlib.metadata import version
+    import importlib
 
     import keras
     import mlflow
 
-    package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
+    # the module's own version: TensorFlow's distribution may be tensorflow-cpu
+    version = importlib.import_module(backend).__version__
     return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
             f"load average at start {os.getloadavg()[0]:.1f}; Python {platform.python_version()}, "
-            f"keras {keras.__version__} on {backend} {version(package)}, mlflow {mlflow.__version__}")
+            f"keras {keras.__version__} on {backend} {version}, mlflow {mlflow.__version__}")
 
 
 def main():
