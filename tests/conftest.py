@@ -80,6 +80,10 @@ class MlflowServer:
         self.proc = None
 
     def start(self, timeout=90.0):
+        return self.launch().wait_ready(timeout)
+
+    def launch(self):
+        """Start the server process, without waiting for it to answer."""
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server",
@@ -92,6 +96,10 @@ class MlflowServer:
             env={**os.environ,
                  "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(self.job_execution).lower()},
         )
+        return self
+
+    def wait_ready(self, timeout=90.0):
+        """Wait until the launched server answers (raises if it exited or did not)."""
         wait_for_http(self.url + "/health", timeout=timeout, proc=self.proc)
         return self
 
@@ -156,12 +164,62 @@ def _own_spool(tmp_path, monkeypatch):
     monkeypatch.setenv("GAPTRACK_SPOOL_DIR", str(tmp_path / "spool"))
 
 
+_SESSION_SERVER = None
+_SESSION_SERVER_LOCK = threading.Lock()
+
+
+def session_server():
+    """The session's tracking server, launched at the first call (not waited
+    for: :meth:`MlflowServer.wait_ready`)."""
+    global _SESSION_SERVER
+    with _SESSION_SERVER_LOCK:
+        if _SESSION_SERVER is None:
+            _SESSION_SERVER = MlflowServer(Path(tempfile.mkdtemp(prefix="mlflow-server-",
+                                                                 dir=_SANDBOX)),
+                                           job_execution=True).launch()
+            atexit.register(_SESSION_SERVER.stop)
+    return _SESSION_SERVER
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """One real tracking server for the whole session (startup takes ~10 s)."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), job_execution=True).start()
+def mlflow_server():
+    """One real tracking server for the whole session (startup takes ~10 s),
+    launched at the session's start when a test started ahead needs it."""
+    server = session_server().wait_ready()
     yield server
     server.stop()
+
+
+# --- Subprocesses started ahead -------------------------------------------------
+#
+# A test module whose tests wait for subprocesses (``mlflow run``, a strategy's
+# processes) may define ``launch_ahead(items)``: it is called with the module's
+# selected tests when the session starts and starts those subprocesses in the
+# background, so that they run while the tests before them do.
+
+#: Their niceness: below the suite's own process, which runs the tests in order,
+#: and above the backend runs (niceness 19), which are needed only at the end.
+AHEAD_NICENESS = 10
+
+
+def niced(command, niceness=AHEAD_NICENESS):
+    """``command`` run at ``niceness``."""
+    return ["nice", "-n", str(niceness), *command]
+
+
+def sandbox_folder(prefix):
+    """A new folder in the session's sandbox (for what starts before any fixture)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_SANDBOX))
+
+
+def _launch_ahead(items):
+    modules = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "launch_ahead"):
+            modules.setdefault(module, []).append(item)
+    for module, selected in modules.items():
+        module.launch_ahead(selected)
 
 
 @pytest.fixture(scope="session")
@@ -285,11 +343,11 @@ class BackendRun:
 
     def command(self):
         if self.kind == NO_TENSORFLOW:
-            return ["nice", "-n", "19", sys.executable, str(REPO / "tests" / "no_tensorflow.py"),
-                    f"sqlite:///{self.folder / 'mlflow.db'}", str(self.out)]
-        return ["nice", "-n", "19", sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                f"--junitxml={self.junit}", f"--basetemp={self.folder / 'tmp'}",
-                "-m", "not backend_independent", "-q", *CONTRACT_MODULES]
+            return niced([sys.executable, str(REPO / "tests" / "no_tensorflow.py"),
+                          f"sqlite:///{self.folder / 'mlflow.db'}", str(self.out)], 19)
+        return niced([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                      f"--junitxml={self.junit}", f"--basetemp={self.folder / 'tmp'}",
+                      "-m", "not backend_independent", "-q", *CONTRACT_MODULES], 19)
 
     def environment(self):
         """The sandbox's environment, on :attr:`backend`. On JAX, compiled programs
@@ -313,7 +371,10 @@ class BackendRun:
                         self.command(), cwd=REPO if self.kind == CONTRACT else self.folder,
                         env=self.environment(),
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True)
+                        # a process group of its own, to end it whole; not a session
+                        # of its own: with Linux's autogroups a session is scheduled
+                        # as one unit against the suite's, whatever its niceness
+                        process_group=0)
         if self.proc is not None:
             self.returncode = self.proc.wait()
             self.seconds = time.monotonic() - started
@@ -377,12 +438,16 @@ _BACKEND_TESTS = {"test_the_contract_tests_pass_on_backend": CONTRACT,
 
 
 def pytest_collection_finish(session):
-    """Start the background runs of the backend tests that were collected (and
-    not deselected), so that they run while the rest of the suite does."""
+    """Start what the selected tests will wait for, so that it runs while the
+    tests before them do: the modules' ``launch_ahead`` and the background runs
+    of the backend tests."""
     wanted = [(_BACKEND_TESTS[item.originalname], item.callspec.params["backend"])
               for item in session.items
               if item.path.name == "test_backends.py" and item.originalname in _BACKEND_TESTS]
-    if wanted and not session.config.option.collectonly and keras_backend() == "tensorflow":
+    if session.config.option.collectonly:
+        return
+    _launch_ahead(session.items)
+    if wanted and keras_backend() == "tensorflow":
         _start_backend_runs(sorted(wanted))  # the contract runs first: they are the longest
 
 

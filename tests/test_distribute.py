@@ -3,13 +3,16 @@
 The arithmetic is checked in process against numpy; the strategies run in
 subprocesses (``distributed.py``: logical CPU devices and ``TF_CONFIG`` must be
 set before TensorFlow initialises), one per strategy, each running all its
-checks and printing their numbers as JSON.
+checks and writing their numbers as JSON. They start ahead, all at once, when the
+session starts (``launch_ahead``), and run while the tests before these do.
 """
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import threading
 from itertools import combinations
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 
 from gaptrack.distribute import is_chief, shard_sizes, spread
-from conftest import free_port
+from conftest import free_port, niced, sandbox_folder, session_server
 from gaptrack.keys import EVAL_TRAIN, PROBE_SIZE_TAG, REPLICAS_TAG, SNAPSHOT_DIR, metric_key
 from gaptrack.record import EpochRecord, Parts, RunHistory
 from gaptrack.report import bn_spread_noise, build_report
@@ -92,13 +95,14 @@ def test_report_explains_diverged_replicas_above_noise_only():
     assert build_report(_history(None)).context == []
 
 
-# -- MirroredStrategy over 2 logical CPUs ----------------------------------------------
+# -- the strategies' processes ---------------------------------------------------------
 
-def _run(mode, out, env, timeout=300):
-    proc = subprocess.run([sys.executable, str(HERE / "distributed.py"), mode, str(out)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(Path(out).read_text())
+#: ``distributed.py``'s modes (each read through the module fixture of its name) and
+#: how many processes each runs.
+MODES = {"mirrored": 1, "multiworker": 2, "jax_data_parallel": 1}
+#: The modes that log to the session's tracking server; the others to a SQLite store.
+ON_SERVER = ("mirrored", "multiworker")
+TIMEOUT_S = 300
 
 
 def _env(tracking_uri, spool):
@@ -108,10 +112,110 @@ def _env(tracking_uri, spool):
     return env
 
 
+class StrategyRun:
+    """One mode of ``distributed.py`` in processes of its own (logical CPU devices
+    and ``TF_CONFIG`` must be set before TensorFlow initialises), each writing
+    its numbers as JSON: started ahead, all modes at once, when the session
+    starts (:func:`launch_ahead`), or by the fixture that reads it."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.folder = sandbox_folder(f"{mode}-")
+        self.procs = []
+        self.error = None
+        self.started = threading.Event()
+
+    def environments(self, tracking_uri):
+        if self.mode == "jax_data_parallel":
+            env = _env(f"sqlite:///{self.folder / 'mlflow.db'}", self.folder / "spool")
+            env.update(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+            return [env]
+        if self.mode == "mirrored":
+            return [_env(tracking_uri, self.folder / "spool")]
+        cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+        envs = [_env(tracking_uri, self.folder / f"spool{index}") for index in range(2)]
+        for index, env in enumerate(envs):
+            env["TF_CONFIG"] = json.dumps({"cluster": cluster,
+                                           "task": {"type": "worker", "index": index}})
+        return envs
+
+    def start(self, server=None):
+        """Start the processes (once ``server``, a launched MlflowServer, answers);
+        an error is raised by :meth:`results`."""
+        try:
+            if server is not None:
+                server.wait_ready()
+            for index, env in enumerate(self.environments(server and server.url)):
+                with open(self.folder / f"stderr{index}.txt", "wb") as stderr:
+                    self.procs.append(subprocess.Popen(
+                        niced([sys.executable, str(HERE / "distributed.py"), self.mode,
+                               str(self.folder / f"out{index}.json")]),
+                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=stderr))
+        except Exception as error:  # noqa: BLE001 - raised in the test that reads it
+            self.error = error
+        finally:
+            self.started.set()
+
+    def results(self):
+        """Each process's JSON, once all ended; its stderr's end if one failed."""
+        assert self.started.wait(TIMEOUT_S), f"{self.mode} did not start"
+        if self.error is not None:
+            raise self.error
+        try:
+            for proc in self.procs:
+                proc.wait(timeout=TIMEOUT_S)
+        finally:
+            self.kill()
+        for index, proc in enumerate(self.procs):
+            error = (self.folder / f"stderr{index}.txt").read_text(errors="replace")
+            assert proc.returncode == 0, error[-3000:]
+        return [json.loads((self.folder / f"out{index}.json").read_text())
+                for index in range(len(self.procs))]
+
+    def kill(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+_RUNS = {}
+_RUNS_LOCK = threading.Lock()
+
+
+def launch_ahead(items):
+    """At the session's start: the modes the selected tests read start at once,
+    in the background (those on the server once it answers)."""
+    wanted = {mode for item in items for mode in MODES if mode in item.fixturenames}
+    for mode in sorted(wanted):
+        with _RUNS_LOCK:
+            run = _RUNS[mode] = StrategyRun(mode)
+        server = session_server() if mode in ON_SERVER else None
+        threading.Thread(target=run.start, args=(server,), name=f"launch-{mode}",
+                         daemon=True).start()
+
+
+def _results(mode, server=None):
+    with _RUNS_LOCK:
+        run = _RUNS.get(mode)
+        if run is None:  # not started ahead
+            run = _RUNS[mode] = StrategyRun(mode)
+            run.start(server)
+    return run.results()
+
+
+@atexit.register
+def _kill_runs():
+    for run in _RUNS.values():
+        run.kill()
+
+
+# -- MirroredStrategy over 2 logical CPUs ----------------------------------------------
+
 @pytest.fixture(scope="module")
-def mirrored(mlflow_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mirrored")
-    return _run("mirrored", tmp / "out.json", _env(mlflow_server.url, tmp / "spool"))
+def mirrored(mlflow_server):
+    return _results("mirrored", mlflow_server)[0]
 
 
 def test_mirrored_eval_train_is_the_saved_model(mirrored):
@@ -159,27 +263,9 @@ def test_mirrored_recalibrate_bn_sets_every_replica(mirrored):
 # -- MultiWorkerMirroredStrategy: 2 worker processes on 127.0.0.1 ----------------------
 
 @pytest.fixture(scope="module")
-def multiworker(mlflow_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("multiworker")
-    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
-    procs = []
-    for index in range(2):
-        env = _env(mlflow_server.url, tmp / f"spool{index}")
-        env["TF_CONFIG"] = json.dumps({"cluster": cluster,
-                                       "task": {"type": "worker", "index": index}})
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "distributed.py"), "multiworker",
-             str(tmp / f"worker{index}.json")],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    try:
-        errors = [proc.communicate(timeout=300)[1] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, error in zip(procs, errors):
-        assert proc.returncode == 0, error[-3000:]
-    return [json.loads((tmp / f"worker{i}.json").read_text()) for i in range(2)]
+def multiworker(mlflow_server):
+    """The chief's numbers and the other worker's."""
+    return _results("multiworker", mlflow_server)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -218,13 +304,16 @@ def test_multiworker_eval_train_is_the_strategy_evaluation(multiworker):
 
 # -- JAX: keras.distribution.DataParallel over 2 host CPU devices ----------------------
 
-def test_jax_data_parallel_normalises_bn_over_the_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def jax_data_parallel():
+    return _results("jax_data_parallel")[0]
+
+
+def test_jax_data_parallel_normalises_bn_over_the_global_batch(jax_data_parallel):
     """On JAX a data-parallel step is one program over the global batch: BN
     normalises with the global batch's moments and there is one copy of its
     moving statistics (SPEC, Distributed training)."""
-    env = _env(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "spool")
-    env.update(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    result = _run("jax_data_parallel", tmp_path / "out.json", env)
+    result = jax_data_parallel
     assert result["backend"] == "jax" and result["devices"] == 2
     frozen = result["frozen"]
     assert _close(frozen["train_mode"], frozen["fit"])

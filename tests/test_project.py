@@ -5,22 +5,27 @@ on a SQLite store of its own, in an experiment whose artifacts stay in the
 test's directory, with a sandboxed home; the tests read back what it logged and
 check it against numbers computed here. There is one ``mlflow run`` per
 scenario, on tiny sizes, and one for each of main, sweep and compare; each pays
-~10 s of CPU to import TensorFlow, so they are all started at once when the
-module's first test needs one, ``WORKERS`` at a time. Bad parameters are checked
+~10 s of CPU to import TensorFlow, so those the selected tests read start when
+the session starts (``launch_ahead``), ``WORKERS`` at a time and below the suite's
+priority, and run while the tests before these do. Bad parameters are checked
 on ``python -m projects.run`` directly (rejected before TensorFlow is imported),
 and once through ``mlflow run``.
 """
 
+import functools
 import math
 import os
 import re
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import niced, sandbox_folder
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = "gaptrack-project-tests"
@@ -61,10 +66,7 @@ class Store:
     """
 
     def __init__(self, path, experiment_id, home, as_a_user=False):
-        from mlflow.tracking import MlflowClient
-
         self.uri = f"sqlite:///{path}"
-        self.client = MlflowClient(self.uri)
         self.experiment_id = "0" if as_a_user else experiment_id
         self.env = {
             **os.environ,  # conftest's sandbox: KERAS_HOME, XDG_*, MPLCONFIGDIR
@@ -81,10 +83,17 @@ class Store:
             del self.env["MLFLOW_EXPERIMENT_ID"], self.env["TF_CPP_MIN_LOG_LEVEL"]
             self.experiment_args = []
 
+    @functools.cached_property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
     def mlflow_run(self, entry_point, params=None, **more):
-        """``mlflow run . --env-manager local -e <entry point> -P k=v ...``."""
-        command = [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
-                   "-e", entry_point, *self.experiment_args]
+        """``mlflow run . --env-manager local -e <entry point> -P k=v ...``
+        (below the suite's priority: it runs while other tests do)."""
+        command = niced([sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
+                         "-e", entry_point, *self.experiment_args])
         for key, value in {**(params or {}), **more}.items():
             command += ["-P", f"{key}={value}"]
         return subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True,
@@ -140,9 +149,9 @@ def reads(*keys):
     return mark
 
 
-def _selected_launches(session):
+def _selected_launches(items):
     keys = set()
-    for item in session.items:
+    for item in items:
         if getattr(item, "module", None) is not sys.modules[__name__]:
             continue
         keys.update(getattr(item.function, "launches", ()))
@@ -152,57 +161,93 @@ def _selected_launches(session):
     return [key for key in LAUNCHES if key in keys]
 
 
-@pytest.fixture(scope="module")
-def project(request, tmp_path_factory, _empty_sqlite_store):
-    """Starts the ``mlflow run`` of the selected tests at once (``WORKERS`` at a
-    time), each on its own store; ``project[key]`` waits for one and returns
-    ``(store, completed process)``; ``project.store("cli")`` is a store of its own
-    for the tests that run commands themselves."""
-    import shutil
-
-    from mlflow.tracking import MlflowClient
-
-    from projects.experiment import KIND_TAG
-
-    root = tmp_path_factory.mktemp("project")
-    home = root / "home"
-    home.mkdir()
-    template = root / "template.db"
-    shutil.copy(_empty_sqlite_store, template)
-    experiment_id = MlflowClient(f"sqlite:///{template}").create_experiment(
-        EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-
-    def store(key):
-        shutil.copy(template, root / f"{key}.db")
-        made = Store(root / f"{key}.db", experiment_id, home, as_a_user=key == AS_A_USER)
-        if key in KIND_BEFORE:
-            made.client.set_experiment_tag(experiment_id, KIND_TAG, KIND_BEFORE[key])
-        return made
-
-    stores = {key: store(key) for key in [*LAUNCHES, "cli"]}
-    pool = ThreadPoolExecutor(max_workers=WORKERS)
-    futures = {key: pool.submit(stores[key].mlflow_run, *LAUNCHES[key])
-               for key in _selected_launches(request.session)}
-
-    yield Launched(stores, futures, pool)
-    pool.shutdown(wait=True, cancel_futures=True)
+#: Makes the stores in a subprocess (MLflow's schema migrations, ~3 s), so that
+#: nothing of MLflow runs in the suite's process beside its tests: an empty
+#: store with the test experiment, copied to each path given (``path=kind``: with
+#: that experiment kind); prints the experiment's id.
+_MAKE_STORES = """
+import shutil, sys
+from mlflow.tracking import MlflowClient
+template, name, artifacts, kind_tag, *copies = sys.argv[1:]
+experiment_id = MlflowClient("sqlite:///" + template).create_experiment(
+    name, artifact_location=artifacts)
+for copy in copies:
+    path, _, kind = copy.partition("=")
+    shutil.copy(template, path)
+    if kind:
+        MlflowClient("sqlite:///" + path).set_experiment_tag(experiment_id, kind_tag, kind)
+print(experiment_id)
+"""
 
 
 class Launched:
-    """The module's ``mlflow run`` subprocesses, started ahead."""
+    """The module's ``mlflow run`` subprocesses, each on a store of its own,
+    ``WORKERS`` at a time: those of the selected tests start ahead, when the
+    session starts (:func:`launch_ahead`); ``launched[key]`` waits for one
+    (starting it if no test declared it) and returns ``(store, completed
+    process)``; ``launched.store("cli")`` is a store of its own for the tests
+    that run commands themselves."""
 
-    def __init__(self, stores, futures, pool):
-        self.stores, self.futures, self.pool = stores, futures, pool
+    def __init__(self, keys):
+        self.root = sandbox_folder("project-")
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="project")
+        self._stores = ThreadPoolExecutor(max_workers=1).submit(self._make_stores)
+        self.futures = {key: self.pool.submit(self._run, key) for key in keys}
+
+    def _make_stores(self):
+        from projects.experiment import KIND_TAG
+
+        home = self.root / "home"
+        home.mkdir()
+        keys = [*LAUNCHES, "cli"]
+        copies = [f"{self.root / key}.db" + (f"={KIND_BEFORE[key]}" if key in KIND_BEFORE else "")
+                  for key in keys]
+        proc = subprocess.run(
+            niced([sys.executable, "-c", _MAKE_STORES, str(self.root / "template.db"),
+                   EXPERIMENT, (self.root / "artifacts").as_uri(), KIND_TAG, *copies]),
+            cwd=self.root, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        experiment_id = proc.stdout.split()[-1]
+        return {key: Store(self.root / f"{key}.db", experiment_id, home,
+                           as_a_user=key == AS_A_USER) for key in keys}
+
+    def _run(self, key):
+        return self.store(key).mlflow_run(*LAUNCHES[key])
 
     def __getitem__(self, key):
-        """``(store, completed process)``, waiting for it (starting it, if the
-        test did not declare it with ``reads``)."""
         if key not in self.futures:
-            self.futures[key] = self.pool.submit(self.stores[key].mlflow_run, *LAUNCHES[key])
-        return self.stores[key], self.futures[key].result()
+            self.futures[key] = self.pool.submit(self._run, key)
+        return self.store(key), self.futures[key].result()
 
     def store(self, key):
-        return self.stores[key]
+        return self._stores.result()[key]
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_LAUNCHED = []
+_LAUNCHED_LOCK = threading.Lock()
+
+
+def _launched(keys):
+    with _LAUNCHED_LOCK:
+        if not _LAUNCHED:
+            _LAUNCHED.append(Launched(keys))
+    return _LAUNCHED[0]
+
+
+def launch_ahead(items):
+    """At the session's start: the selected tests' ``mlflow run`` start."""
+    _launched(_selected_launches(items))
+
+
+@pytest.fixture(scope="module")
+def project(request):
+    """The module's :class:`Launched` ``mlflow run`` subprocesses."""
+    launched = _launched(_selected_launches(request.session.items))
+    yield launched
+    launched.close()
 
 
 @pytest.fixture

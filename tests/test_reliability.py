@@ -15,14 +15,21 @@ from conftest import MlflowServer
 HERE = Path(__file__).resolve().parent
 
 
-def run_workers(seeds, tracking_uri, tmp_path, extra_env=None):
+def start_workers(seeds, tracking_uri, tmp_path, extra_env=None, own=False):
+    """``worker.py`` for each seed, all at once: ``[(seed, out path, process)]``."""
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(extra_env or {}))
     procs = []
     for seed in seeds:
         out = tmp_path / f"worker-{seed}.json"
         procs.append((seed, out, subprocess.Popen(
-            [sys.executable, str(HERE / "worker.py"), str(seed), str(out)],
+            [sys.executable, str(HERE / "worker.py"), str(seed), str(out),
+             *(["own"] if own else [])],
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+    return procs
+
+
+def worker_results(procs):
+    """``{seed: what the worker wrote, with its "output"}``, once each succeeded."""
     results = {}
     for seed, out, proc in procs:
         output = proc.communicate(timeout=600)[0].decode(errors="replace")
@@ -30,6 +37,10 @@ def run_workers(seeds, tracking_uri, tmp_path, extra_env=None):
         results[seed] = json.loads(out.read_text())
         results[seed]["output"] = output
     return results
+
+
+def run_workers(seeds, tracking_uri, tmp_path, extra_env=None):
+    return worker_results(start_workers(seeds, tracking_uri, tmp_path, extra_env))
 
 
 def check_runs(client, results):
@@ -90,7 +101,10 @@ def test_basic_auth_server(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_FLASK_SERVER_SECRET_KEY")
     try:
         creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
-        ok = run_workers([0], server.url, tmp_path, creds)[0]
+        with_creds = start_workers([0], server.url, tmp_path, creds)
+        # and at the same time, one without credentials (checked below)
+        without = start_workers([1], server.url, tmp_path, own=True)
+        ok = worker_results(with_creds)[0]
         assert ok["warnings"] == []
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
@@ -108,13 +122,7 @@ def test_basic_auth_server(tmp_path, monkeypatch):
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
         # without credentials: training completes; one clear warning says what to set,
         # and what was not accepted waits in the spool
-        out = tmp_path / "refused.json"
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "worker.py"), "1", str(out), "own"],
-            env=dict(os.environ, MLFLOW_TRACKING_URI=server.url), cwd=tmp_path,
-            capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        refused = json.loads(out.read_text())
+        refused = worker_results(without)[1]
         assert len(refused["history"]["loss"]) == 3
         assert any("HTTP 401" in w and "MLFLOW_TRACKING_USERNAME" in w
                    for w in refused["warnings"]), refused["warnings"]
