@@ -4,8 +4,9 @@ one place that retries.
 **Requests.** :class:`Sender` makes one request per operation, tried once: an
 epoch's metrics are one ``log_batch`` (a request per 1000 points, MLflow's
 limit), tags one ``log_batch``, a file one upload, a step image two uploads (the
-PNG and the preview MLflow's UI shows) and a tag, the run's description a read
-and a write, the end of the run one update. Against an HTTP(S) tracking server
+PNG and the preview MLflow's UI shows; a sender's first image also sets the
+run's images tag), the run's description a read and a write, the end of the run
+one update. Against an HTTP(S) tracking server
 each request is given at most :data:`REQUEST_TIMEOUT` seconds and is not retried
 by MLflow: the sender has its own REST store and uploads files itself, with
 MLflow's HTTP retries off (by default MLflow tries a request 8 times, minutes
@@ -127,6 +128,7 @@ class Sender:
         self.run_name = None
         self._store = None
         self._artifacts = None
+        self._images_tagged = False  # the run's images tag, set once per sender
 
     def _client(self):
         if self._store is None:
@@ -202,7 +204,8 @@ class Sender:
 
     def _send_image(self, png):
         """As ``MlflowClient.log_image(..., key=, step=)``: the PNG and a preview
-        at most 256 pixels wide under ``images/``, and the run's images tag."""
+        at most 256 pixels wide under ``images/``, and the run's images tag (once:
+        MLflow sets it with every image, a request an epoch for nothing new)."""
         from mlflow.tracking.multimedia import compress_image_size
         from PIL import Image
 
@@ -211,7 +214,9 @@ class Sender:
             compress_image_size(image).save(preview)
         self._upload(png, "images")
         self._upload(preview, "images")
-        self._set_tags({MLFLOW_LOGGED_IMAGES: "True"})
+        if not self._images_tagged:
+            self._set_tags({MLFLOW_LOGGED_IMAGES: "True"})
+            self._images_tagged = True
 
     def _upload(self, local, directory):
         if not isinstance(self._artifacts, HttpArtifactRepository):

@@ -233,10 +233,23 @@ def _png(width, height, color):
     return buffer.getvalue()
 
 
-def test_run_known_images_by_step_and_a_description_that_never_overwrites_the_users(server_uri):
+def test_run_known_images_by_step_and_a_description_that_never_overwrites_the_users(
+        server_uri, monkeypatch):
     """wait_for_run names the run; log_image stores step images as
-    ``mlflow.log_image(key=, step=)`` does (compared with MLflow's own); the
-    description is gaptrack's until the user writes one."""
+    ``mlflow.log_image(key=, step=)`` does (compared with MLflow's own), setting
+    the run's images tag once, not with every image; the description is
+    gaptrack's until the user writes one."""
+    import requests
+
+    tagged = []  # the requests that set the run's images tag
+    real = requests.Session.request
+
+    def counting(self, method, url, *args, **kwargs):
+        tags = (kwargs.get("json") or {}).get("tags", [])
+        tagged.extend(url for t in tags if t["key"] == "mlflow.loggedImages")
+        return real(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", counting)
     client = MlflowClient(server_uri)
     logger = RunLogger()
     run_id, run_name = logger.wait_for_run(60.0)
@@ -249,6 +262,7 @@ def test_run_known_images_by_step_and_a_description_that_never_overwrites_the_us
     logger.set_description("first")
     logger.set_description("second")  # replaces what gaptrack wrote
     assert logger.close()
+    assert len(tagged) == 1 and tagged[0].endswith("/runs/log-batch"), tagged
     run = client.get_run(run_id)
     assert run.data.tags["mlflow.note.content"] == "second"
     # a description the user wrote is kept
