@@ -100,11 +100,19 @@ def test_eval_train_equals_model_evaluate(kind):
     assert m.probe_size == len(x)
 
 
-def test_train_mode_equals_training_forward_of_a_clone():
+@pytest.mark.parametrize("chunk_batches", [None, 1, 2])
+def test_train_mode_equals_training_forward_of_a_clone(chunk_batches, monkeypatch):
     """No Dropout, so training mode is deterministic: the clone's training-mode
-    forward, batch by batch, gives the loss and accuracy by hand (numpy)."""
+    forward, batch by batch, gives the loss and accuracy by hand (numpy). Run in
+    one call (the default for so few samples), or split into calls of one or two
+    training batches, as a larger probe is; 150 = 3 * 40 + 30."""
+    if chunk_batches:
+        per_call = chunk_batches * 40 * 6 * 4  # batches of 40 samples of 6 float32
+        monkeypatch.setattr(gaptrack.measurement, "_TRAIN_CHUNK_BYTES", per_call)
     keras.utils.set_random_seed(1)
     x, y = blobs(150)
+    chunk = Measurer(mlp(), 40)._train_chunk_size(Probe.from_data((x, y)))
+    assert chunk == 40 * (chunk_batches or 256)
     model = mlp(bn=True, l2=0.01)
     model.fit(x, y, batch_size=25, epochs=2, verbose=0)
     clone = keras.models.clone_model(model)
@@ -126,6 +134,32 @@ def test_train_mode_equals_training_forward_of_a_clone():
     assert m.train_mode["accuracy"] == pytest.approx(hits / len(x), abs=1e-7)
     # and training mode differs from inference mode (BN batch statistics)
     assert abs(m.train_mode["loss"] - m.eval_train["loss"]) > 1e-4
+
+
+def test_train_mode_is_the_same_however_the_pass_is_split(monkeypatch):
+    """With Dropout, the seed state runs from batch to batch across the calls of
+    the training-mode pass: one call, or calls of one or two batches, draw the
+    same masks and so give the same values and population statistics."""
+    keras.utils.set_random_seed(6)
+    x, y = blobs(150)
+    model = mlp(bn=True, dropout=0.5)
+    model.fit(x, y, batch_size=40, epochs=1, verbose=0)
+    results = []
+    for chunk_batches in (None, 1, 2):
+        if chunk_batches:
+            monkeypatch.setattr(gaptrack.measurement, "_TRAIN_CHUNK_BYTES",
+                                chunk_batches * 40 * 6 * 4)
+            assert Measurer(model, 40)._train_chunk_size(Probe.from_data((x, y))) \
+                == 40 * chunk_batches
+        results.append(gaptrack.measure(model, (x, y), batch_size=40, seed=3))
+    whole, *split = results
+    other_seed = gaptrack.measure(model, (x, y), batch_size=40, seed=4)
+    assert whole.train_mode["loss"] != other_seed.train_mode["loss"]  # masks matter
+    for m in split:
+        assert_close(m.train_mode, whole.train_mode, rtol=1e-6)
+        for a, b in zip(m.bn, whole.bn):
+            np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(a.variance, b.variance, rtol=1e-6, atol=1e-7)
 
 
 def test_measure_changes_no_state_and_dropout_is_seeded():
