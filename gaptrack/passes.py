@@ -321,10 +321,16 @@ class _TensorFlow(_Runner):
         return metric_values, seeds, sums
 
     def _infer_step(self, x, y, sw, eval_values, pbn_values, population, moments):
+        import tensorflow as tf
+
         passes = self.passes
         passes._traces["infer"] += 1
-        model = passes.model
-        return passes._infer_step(self._pair()[2], *_values(model),
+        trainable, non_trainable = _values(passes.model)
+        # Read into tensors: the second forward gets tensors (the population
+        # statistics) where the first would get tf.Variables, and a nested
+        # tf.function traces again for a variable where a tensor was.
+        non_trainable = [tf.convert_to_tensor(v) for v in non_trainable]
+        return passes._infer_step(self._pair()[2], trainable, non_trainable,
                                   x, y, sw, eval_values, pbn_values, population, moments)
 
 

@@ -202,6 +202,10 @@ def test_passes_are_traced_once_per_model_and_released_with_it():
     passes = Measurer(model, 16)._compiled(Probe.from_data((x, y)))
     if keras.backend.backend() == "tensorflow":  # one trace for every batch size
         assert passes.traces == {"train": 1, "infer": 1}
+        # and the inference forward, called twice by the inference step (with the
+        # moving and with the population statistics), is traced once
+        (_, _, forward), = passes._runner._functions.values()
+        assert forward.experimental_get_tracing_count() == 1
     elif keras.backend.backend() == "jax":
         # training: one scan per number of whole batches in a chunk, 6 (100 = 6 * 16
         # + 4) and 4 (77 = 4 * 16 + 13), one step per partial batch, 4 and 13;
