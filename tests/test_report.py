@@ -278,3 +278,34 @@ def test_recalibration_is_advised_only_when_it_helps(sqlite_uri):
     after = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     assert after == pytest.approx(record.precise_bn["loss"], rel=1e-5)
     assert after > before
+
+
+def test_a_rendered_image_frees_its_raster_at_once():
+    """Each epoch's images are rendered in a long process where Python's full
+    garbage collection runs once in many epochs: what a figure held (its Agg
+    raster, kept by every text it drew) must go when the PNG is made, without
+    waiting for the collector (here switched off, as between its rare runs)."""
+    import gc
+
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    from gaptrack import publish
+
+    record = synthetic((0.0625, 0.0, 0.1875), noise=0.03125, bn=True).records[-1]
+
+    def rasters():
+        return sum(isinstance(o, RendererAgg) for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = rasters()
+        for _ in range(3):
+            images = publish._epoch_images(record)
+        left = rasters()
+    finally:
+        gc.enable()
+    # the two images (decomposition and BN staleness), as a whole PNG each
+    assert [key for _, key in images] == ["gaptrack.decomposition", "gaptrack.bn_staleness"]
+    assert all(png.startswith(PNG) and png.endswith(b"IEND\xaeB`\x82") for png, _ in images)
+    assert left == before  # 6 figures drawn, none of their rasters alive
