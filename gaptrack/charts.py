@@ -29,7 +29,7 @@ def _release(figure):
     """Let a rendered figure's memory go now, not at Python's next full garbage
     collection. A figure's artists refer to each other in cycles, which only the
     full collection frees; in a process holding TensorFlow's half a million
-    objects it runs once in many epochs (and takes 0.4 s). Until then each figure
+    objects it runs once in many epochs (and takes 0.2-0.45 s). Until then each figure
     kept its Agg raster (2-3 MB, held by every text it drew) and its artists: the
     tracker's process grew 4-5 MB an epoch with the epoch images, under 1 MB
     without them (docs/performance.md). Dropping the texts' renderer frees the
