@@ -60,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -128,13 +129,6 @@ def worker(variant, config):
     for name in ("log_metrics", "log_table", "set_tags"):
         timed(RunLogger, name, "logging")
     timed(gcallback.Measurer, "measure", "measure")
-    # The variant's own work in the training thread: every hook its callback runs
-    # in an epoch (B's is the one autolog adds), in wall time, TensorFlow's
-    # threads working for it included.
-    for owner in (gaptrack.GapTracker, mlflow.keras.callback.MlflowCallback):
-        for name in HOOKS:
-            if name in vars(owner):
-                timed(owner, name, "hooks")
 
     epochs = config["rounds"] + 1  # epoch 0 is the warm-up
 
@@ -173,9 +167,13 @@ def worker(variant, config):
         def on_epoch_end(self, epoch, logs=None):
             self.model.evaluate(x, y, verbose=0)
 
-    for name in HOOKS:
-        if name in vars(EvaluateTrain):
-            timed(EvaluateTrain, name, "hooks")
+    # The variant's own work in the training thread: every hook its callback runs
+    # in an epoch (B's is the one autolog adds), in wall time, TensorFlow's
+    # threads working for it included.
+    for owner in (gaptrack.GapTracker, mlflow.keras.callback.MlflowCallback, EvaluateTrain):
+        for name in HOOKS:
+            if name in vars(owner):
+                timed(owner, name, "hooks")
     background = BackgroundCPU()
 
     callbacks = [Pace()]
@@ -213,15 +211,13 @@ class BackgroundCPU:
         self.read()
 
     def read(self):
-        import threading
-
         used = 0.0
         for thread in threading.enumerate():
             if thread is threading.main_thread() or thread.ident is None:
                 continue
             try:
                 now = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-            except (OSError, ProcessLookupError):  # it ended meanwhile
+            except OSError:  # it ended meanwhile
                 continue
             before = self._seen.get(thread.ident, 0.0)
             used += now - (before if before <= now else 0.0)  # else a new thread, same id
