@@ -38,14 +38,12 @@ def main():
     sys.path.insert(0, str(REPO))
     import keras
 
+    import _case
     import gaptrack
     from gaptrack import publish
-    from projects import deep_mlp
-    from projects.training import load
 
-    data = load({"dataset": "fashion_mnist", "seed": 0, "samples": args.samples})
-    keras.utils.set_random_seed(0)
-    model = deep_mlp.model({"depth": 20, "units": 100, "bn": 1, "learning_rate": 1e-3}, data)
+    data = _case.data(args.samples)
+    model = _case.model(data)
     tracker = gaptrack.GapTracker((data.x, data.y), batch_size=32, probe_size=3_000)
     model.fit(data.x, data.y, batch_size=32, epochs=1, verbose=0, callbacks=[tracker])
     record = tracker.records[-1]  # a real epoch's record, for real images

@@ -75,22 +75,19 @@ def main():
     import gaptrack
     from gaptrack.measurement import Measurer
     from gaptrack.probe import Probe
-    from projects import deep_mlp
-    from projects.training import load
+    import _case
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-first-use-"))
     os.environ["GAPTRACK_SPOOL_DIR"] = str(tmp / "spool")
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
-    data = load({"dataset": "fashion_mnist", "seed": 0, "samples": SAMPLES})
+    data = _case.data(SAMPLES)
     x, y = data.x, data.y
     print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
           f"{SAMPLES:,} Fashion-MNIST images, batch {BATCH_SIZE}, {args.rounds} rounds",
           flush=True)
 
     def fresh(epochs=0):
-        keras.utils.set_random_seed(0)
-        model = deep_mlp.model({"depth": 20, "units": 100, "bn": 1, "learning_rate": 1e-3},
-                               data)
+        model = _case.model(data)
         if epochs:
             model.fit(x, y, batch_size=BATCH_SIZE, epochs=epochs, verbose=0)
         return model

@@ -103,14 +103,12 @@ def worker(variant, config):
     import gaptrack
     from gaptrack import callback as gcallback
     from gaptrack.tracking import RunLogger
-    from projects import deep_mlp
-    from projects.training import load
 
-    data = load({"dataset": "fashion_mnist", "seed": 0, "samples": config["samples"]})
+    import _case
+
+    data = _case.data(config["samples"])
     x, y = data.x, data.y
-    keras.utils.set_random_seed(0)
-    model = deep_mlp.model(
-        {"depth": config["depth"], "units": 100, "bn": 1, "learning_rate": 1e-3}, data)
+    model = _case.model(data, depth=config["depth"])
 
     # Instrumentation: time spent in the training thread logging, and measuring.
     spent = {"logging": 0.0, "measure": 0.0, "hooks": 0.0}
@@ -373,14 +371,6 @@ def report(results, proxy):
             print(f"{v}: per epoch, measuring {statistics.median(x['measure'] for x in e):.2f} s, "
                   f"logging calls in the training thread "
                   f"{1000 * statistics.median(x['logging'] for x in e):.1f} ms")
-    if "A" in median:
-        # The tracker's own time, measured inside the workers, against A's median epoch:
-        # a finer estimate of its cost than a ratio of two noisy medians.
-        for v in "DE":
-            if v in results:
-                own = statistics.median(x["measure"] + x["logging"] for x in results[v]["epochs"])
-                print(f"{v}: tracker time per epoch / median epoch of A = "
-                      f"{own:.2f} / {median['A']:.2f} s = {100 * own / median['A']:.1f}%")
     if "F" in results and proxy is not None:
         e = results["F"]["epochs"]
         # An epoch's requests are sent after its end (while the worker waits or the
