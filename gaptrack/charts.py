@@ -7,12 +7,15 @@
   staleness (mean and var, :mod:`gaptrack.bn`).
 
 Both read a :class:`gaptrack.record.RunHistory`; :func:`png` renders a figure.
+Each measured epoch's step images are drawn apart, with Pillow
+(:mod:`gaptrack.stepcharts`).
 """
 
 from gaptrack.diagnosis import first_nonfinite_epoch, standard_error
 from gaptrack.keys import PARTS, STALENESS_STATS
 
-_COLORS = {"drift": "#4C72B0", "mode": "#DD8452", "bn_ema": "#55A868"}
+#: Each part of the gap's colour (the step images use them too).
+COLORS = {"drift": "#4C72B0", "mode": "#DD8452", "bn_ema": "#55A868"}
 
 
 def png(figure):
@@ -62,8 +65,8 @@ def decomposition_figure(history, probe_size=None):
         for part in PARTS:
             values = np.nan_to_num(_finite([getattr(r.parts[m], part) for r in records]))
             positive, negative = np.maximum(values, 0), np.minimum(values, 0)
-            axes.bar(epochs, positive, bottom=up, width=0.6, color=_COLORS[part], label=part)
-            axes.bar(epochs, negative, bottom=down, width=0.6, color=_COLORS[part])
+            axes.bar(epochs, positive, bottom=up, width=0.6, color=COLORS[part], label=part)
+            axes.bar(epochs, negative, bottom=down, width=0.6, color=COLORS[part])
             up, down = up + positive, down + negative
         noise = [standard_error(r, m, probe_size) for r in records]
         if any(s is not None for s in noise):
@@ -114,43 +117,4 @@ def staleness_figure(history, layers):
         axes.set_title(titles[stat], fontsize="medium")
         figure.colorbar(image, ax=axes)
     figure.suptitle("BN staleness: moving statistics vs the probe's population statistics")
-    return figure
-
-
-def epoch_decomposition_figure(record, names):
-    """One epoch's gap by cause, per metric (``names``): a horizontal bar per part
-    and the gap, for the MLflow UI's image chart to step through epochs."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 0.6 + 1.3 * len(names)))
-    axes_list = figure.subplots(len(names), 1, squeeze=False)[:, 0]
-    for axes, m in zip(axes_list, names):
-        parts = record.parts[m]
-        labels = ["gap", *PARTS]
-        values = _finite([parts.gap, *(getattr(parts, p) for p in PARTS)])
-        axes.barh(labels, values, color=["black", *(_COLORS[p] for p in PARTS)])
-        axes.axvline(0.0, color="grey", linewidth=0.8)
-        axes.invert_yaxis()
-        axes.set_title(f"{m}: fit - evaluate at epoch {record.step}", fontsize="medium")
-    figure.subplots_adjust(left=0.18, right=0.96, top=1 - 0.45 / figure.get_figheight(),
-                           bottom=0.25 / figure.get_figheight() + 0.05, hspace=0.6)
-    return figure
-
-
-def epoch_staleness_figure(record, layers):
-    """One epoch's staleness of every BN layer (``layers``, in order): the two
-    statistics side by side as a two-column heatmap."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    grid = _finite([record.staleness.get(layer, (np.nan, np.nan)) for layer in layers])
-    figure = Figure(figsize=(6, 1.2 + 0.22 * len(layers)))
-    axes = figure.subplots()
-    image = axes.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis",
-                        interpolation="nearest")
-    axes.set_xticks(range(len(STALENESS_STATS)), STALENESS_STATS)
-    axes.set_yticks(range(len(layers)), layers, fontsize="small")
-    axes.set_title(f"BN staleness at epoch {record.step}", fontsize="medium")
-    figure.colorbar(image, ax=axes)
-    figure.subplots_adjust(left=0.4, right=0.95)
     return figure

@@ -6,18 +6,18 @@ Everything goes through the run's :class:`gaptrack.tracking.RunLogger` (spooled,
 sent in the background); the report is built from the tracker's own records.
 """
 
-from gaptrack import charts, keys
+from gaptrack import keys, stepcharts
 from gaptrack.record import RunHistory, loss_first, natural_order
 from gaptrack.render import Rendering
 from gaptrack.report import build_report
 
 
 class EpochImages:
-    """Renders each measured epoch's step images in a thread of its own, so that
-    the training thread does not wait for matplotlib (0.17-0.4 s an epoch for
-    the 20-layer MLP's two images), and queues them on the run's ``logger``,
-    one epoch at a time, in order: the decomposition and the BN staleness, which
-    the MLflow UI's image charts step through epoch by epoch.
+    """Renders each measured epoch's step images (:mod:`gaptrack.stepcharts`) in
+    a thread of its own, so that the training thread does not wait for them, and
+    queues them on the run's ``logger``, one epoch at a time, in order: the
+    decomposition and the BN staleness, which the MLflow UI's image charts step
+    through epoch by epoch.
 
     A failure shows in the training thread: :meth:`check` raises the first one
     of the renders that ended, for the tracker's guard to turn into its warning.
@@ -66,11 +66,11 @@ class EpochImages:
 def _epoch_images(record):
     """``[(PNG bytes, image key)]`` of one epoch: its decomposition, and its BN
     staleness when it has BN layers."""
-    images = [(charts.png(charts.epoch_decomposition_figure(record, loss_first(record.parts))),
+    images = [(stepcharts.decomposition_png(record, loss_first(record.parts)),
                keys.DECOMPOSITION_IMAGE)]
     if record.staleness:
-        figure = charts.epoch_staleness_figure(record, natural_order(record.staleness))
-        images.append((charts.png(figure), keys.STALENESS_IMAGE))
+        images.append((stepcharts.staleness_png(record, natural_order(record.staleness)),
+                       keys.STALENESS_IMAGE))
     return images
 
 

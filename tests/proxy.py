@@ -3,6 +3,7 @@ tracking server, for the tests and the benchmarks."""
 
 import http.client
 import http.server
+import socket
 import threading
 import time
 
@@ -45,10 +46,28 @@ class SlowProxy:
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        connections = self._connections = []
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self):
+                connection, address = super().get_request()
+                connections.append(connection)
+                return connection, address
+
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
+        """Stop listening and cut every open connection, as a server that went
+        down: a client's kept-alive connection fails too."""
         self.server.shutdown()
         self.server.server_close()
+        for connection in self._connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by its client
+                pass

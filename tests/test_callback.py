@@ -1,6 +1,7 @@
 """GapTracker end to end: what reaches the store, against History, evaluate and numpy."""
 
 import math
+import time
 import warnings
 
 import keras
@@ -12,9 +13,10 @@ from mlflow.tracking import MlflowClient
 
 import gaptrack
 from builders import OwnLoss, blobs, mlp
-from conftest import MlflowServer
+from conftest import WARNING_LATENCY, first_tracking_warning, timed_warnings
 from gaptrack.fitparams import BatchSizeWarning, guess_batch_size, infer_batch_size
 from gaptrack.tracking import TrackingWarning
+from proxy import SlowProxy
 
 PARTS = ("drift", "mode", "bn_ema")
 
@@ -243,35 +245,48 @@ def test_custom_loop_with_train_on_batch(sqlite_uri):
 
 
 @pytest.mark.backend_independent  # the tracking server's outage, not the measurements
-def test_tracking_failure_is_a_warning_and_is_retried(tmp_path, monkeypatch):
+def test_tracking_failure_is_a_warning_and_is_retried(mlflow_server, tmp_path, monkeypatch):
     """The server goes down after epoch 0 and comes back after epoch 1's attempt:
-    training carries on, and every epoch reaches the server exactly once."""
+    training carries on, and every epoch reaches the server exactly once. The
+    server is the session's, behind a proxy that goes down (it stops listening
+    and cuts its open connections) and comes back on the same port: to the
+    client, a server that went down and restarted (tests/test_tracking.py kills
+    and restarts a server process itself)."""
     monkeypatch.chdir(tmp_path)
-    server = MlflowServer(tmp_path / "server").start()
+    upstream = int(mlflow_server.url.rsplit(":", 1)[1])
+    server = SlowProxy(upstream, delay=0.0)
     mlflow.set_tracking_uri(server.url)
     try:
         x, y = blobs(48)
         model = mlp()
         tracker = gaptrack.GapTracker((x, y), batch_size=16)
 
+        down = []
+
         class Outage(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
+                nonlocal server
                 if epoch == 0:
-                    server.stop()
+                    server.close()
+                    down.append(time.monotonic())
                 elif epoch == 1:
                     assert tracker.logger.pending > 0  # kept, not dropped
-                    server.start()
+                    # back once the outage was noticed (its one warning)
+                    assert first_tracking_warning(seen, down[0], WARNING_LATENCY) is not None
+                    server = SlowProxy(upstream, delay=0.0, port=server.port)
 
-        with pytest.warns(TrackingWarning, match="kept and retried"):
+        with timed_warnings() as seen:
             history = model.fit(x, y, batch_size=16, epochs=3, verbose=0,
                                 callbacks=[tracker, Outage()])
+        warned = [text for _, category, text in seen if category is TrackingWarning]
+        assert len(warned) == 1 and "kept and retried" in warned[0], warned
         assert len(history.history["loss"]) == 3
         logged, counts = histories(MlflowClient(), tracker.run_id)
         for key in ("fit/loss", "gap/loss", "eval_train/accuracy"):
             assert sorted(logged[key]) == [0, 1, 2] and counts[key] == 3
         assert logged["fit/loss"] == dict(enumerate(history.history["loss"]))
     finally:
-        server.stop()
+        server.close()
         mlflow.set_tracking_uri(None)
 
 

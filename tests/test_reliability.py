@@ -2,29 +2,24 @@
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+import worker
 from conftest import MlflowServer
-
-HERE = Path(__file__).resolve().parent
 
 
 def start_workers(seeds, tracking_uri, tmp_path, extra_env=None, own=False):
-    """``worker.py`` for each seed, all at once: ``[(seed, out path, process)]``."""
+    """A worker process (``worker.py``) for each seed, all at once:
+    ``[(seed, out path, worker.Worker)]``."""
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(extra_env or {}))
     procs = []
     for seed in seeds:
         out = tmp_path / f"worker-{seed}.json"
-        procs.append((seed, out, subprocess.Popen(
-            [sys.executable, str(HERE / "worker.py"), str(seed), str(out),
-             *(["own"] if own else [])],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+        procs.append((seed, out, worker.start(seed, out, env, tmp_path, own=own)))
     return procs
 
 
@@ -32,10 +27,10 @@ def worker_results(procs):
     """``{seed: what the worker wrote, with its "output"}``, once each succeeded."""
     results = {}
     for seed, out, proc in procs:
-        output = proc.communicate(timeout=600)[0].decode(errors="replace")
-        assert proc.returncode == 0, output[-3000:]
+        code = proc.wait(timeout=600)
+        assert code == 0, f"exit code {code}:\n{proc.output[-3000:]}"
         results[seed] = json.loads(out.read_text())
-        results[seed]["output"] = output
+        results[seed]["output"] = proc.output
     return results
 
 

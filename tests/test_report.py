@@ -280,18 +280,17 @@ def test_recalibration_is_advised_only_when_it_helps(sqlite_uri):
     assert after > before
 
 
-def test_a_rendered_image_frees_its_raster_at_once():
-    """Each epoch's images are rendered in a long process where Python's full
-    garbage collection runs once in many epochs: what a figure held (its Agg
-    raster, kept by every text it drew) must go when the PNG is made, without
-    waiting for the collector (here switched off, as between its rare runs)."""
+def test_a_rendered_chart_frees_its_raster_at_once():
+    """The report's charts may be rendered in a long process (one that trains
+    again, a sweep, ``gaptrack compare``) where Python's full garbage collection
+    runs once in many epochs: what a figure held (its Agg raster, kept by every
+    text it drew) must go when the PNG is made, without waiting for the collector
+    (here switched off, as between its rare runs)."""
     import gc
 
     from matplotlib.backends.backend_agg import RendererAgg
 
-    from gaptrack import publish
-
-    record = synthetic((0.0625, 0.0, 0.1875), noise=0.03125, bn=True).records[-1]
+    history = synthetic((0.0625, 0.0, 0.1875), noise=0.03125, bn=True)
 
     def rasters():
         return sum(isinstance(o, RendererAgg) for o in gc.get_objects())
@@ -301,11 +300,11 @@ def test_a_rendered_image_frees_its_raster_at_once():
     try:
         before = rasters()
         for _ in range(3):
-            images = publish._epoch_images(record)
+            images = Rendering(build_report(history)).images
         left = rasters()
     finally:
         gc.enable()
-    # the two images (decomposition and BN staleness), as a whole PNG each
-    assert [key for _, key in images] == ["gaptrack.decomposition", "gaptrack.bn_staleness"]
-    assert all(png.startswith(PNG) and png.endswith(b"IEND\xaeB`\x82") for png, _ in images)
+    # the two charts (decomposition and BN staleness), as a whole PNG each
+    assert list(images) == ["decomposition.png", "bn_staleness.png"]
+    assert all(png.startswith(PNG) and png.endswith(b"IEND\xaeB`\x82") for png in images.values())
     assert left == before  # 6 figures drawn, none of their rasters alive

@@ -107,16 +107,16 @@ def test_epoch_images_render_off_the_training_thread_and_a_failure_is_one_warnin
     and the epochs' metrics are all logged."""
     import threading
 
-    from gaptrack import charts
+    from gaptrack import stepcharts
 
     drawn, training = [], threading.current_thread()
-    figure = charts.epoch_decomposition_figure
+    draw = stepcharts.decomposition_png
 
     def recording(record, names):
         drawn.append((record.step, threading.current_thread()))
-        return figure(record, names)
+        return draw(record, names)
 
-    monkeypatch.setattr(charts, "epoch_decomposition_figure", recording)
+    monkeypatch.setattr(stepcharts, "decomposition_png", recording)
     tracker = gaptrack.GapTracker((x, y), batch_size=16)
     fit_recording(mlp(bn=True), tracker)
     assert [step for step, _ in drawn] == [0, 1, 2]
@@ -133,7 +133,7 @@ def test_epoch_images_render_off_the_training_thread_and_a_failure_is_one_warnin
     def broken(record, names):
         raise RuntimeError(f"no font at epoch {record.step}")
 
-    monkeypatch.setattr(charts, "epoch_decomposition_figure", broken)
+    monkeypatch.setattr(stepcharts, "decomposition_png", broken)
     tracker = gaptrack.GapTracker((x, y), batch_size=16)
     history, failures = fit_recording(mlp(bn=True), tracker)
     assert len(failures) == 1, failures
