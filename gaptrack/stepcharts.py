@@ -63,7 +63,8 @@ def _ticks(low, high, count=6):
 
 
 def _tick_label(value, step):
-    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 0
+    """``value`` with as many decimals as the ticks' ``step`` needs (0.025: three)."""
+    decimals = next((d for d in range(10) if abs(round(step, d) - step) <= 1e-9 * step), 10)
     return f"{value:.{decimals}f}"
 
 
@@ -171,7 +172,8 @@ def staleness_png(record, layers):
         draw.text((left + cell * j + cell / 2, bottom + 6), stat, font=label, fill=_INK,
                   anchor="mt")
     # the colour bar: 0 at the bottom, the largest value at the top
-    bar_left, bar_right = left + cell * len(STALENESS_STATS) + 30, left + cell * 2 + 46
+    bar_left = left + cell * len(STALENESS_STATS) + 30
+    bar_right = bar_left + 16
     height = bottom - top
     for k in range(height):
         rgba = viridis(1.0 - k / max(1, height - 1))

@@ -5,8 +5,9 @@ With ``own`` the tracker creates the run itself; otherwise the worker starts it
 and logs a param. Writes the History, the run id and gaptrack's warnings to OUT.json.
 
 :func:`start` runs it in a process forked from a server process that imported
-Keras, TensorFlow, MLflow and gaptrack once (``multiprocessing``'s forkserver,
-which forks before any of them started a thread): a fresh interpreter spends 7 of
+Keras, TensorFlow, MLflow and gaptrack once (``multiprocessing``'s forkserver; its
+only other threads then are three idle native ones, of OpenBLAS, jemalloc and
+TensorFlow's import, and no Python thread): a fresh interpreter spends 7 of
 a worker's 15 CPU-seconds importing them, and the reliability tests start 14
 workers on 2 cores. Each worker is still a process of its own, with its own
 environment, working directory, MLflow client and connections.
@@ -60,7 +61,8 @@ class Worker:
         self.returncode = None
 
     def wait(self, timeout):
-        """Wait for the worker's end; its exit code (``None`` while it runs)."""
+        """Wait at most ``timeout`` seconds for the worker's end; its exit code
+        (``None``: it had not ended, and is killed)."""
         self.process.join(timeout)
         self.returncode = self.process.exitcode
         if self.returncode is None:
