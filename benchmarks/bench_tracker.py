@@ -40,7 +40,8 @@ of its Python threads besides the main one (gaptrack's sender and image renderer
 MLflow's asynchronous logging). The "accounted" ratios put them on A's median
 epoch: without the background CPU (as if it ran on a core that training leaves
 idle) and with it counted as wall time (as if no core were idle), the bound the
-targets are checked on.
+targets are checked on; and again on A's fastest epoch, where a variant's own work,
+which does not shrink with the epoch, weighs most.
 
 Every variant runs on the Keras backend ``--backend`` names (TensorFlow by
 default; JAX and PyTorch need ``pip install -e '.[jax]'`` / ``'.[torch]'``).
@@ -359,7 +360,8 @@ def report(results, proxy):
             print(f"{name} = {ratio:.3f}  (target <= {target:.2f})  "
                   f"{'PASS' if ratio <= target else 'FAIL'}   "
                   f"[CPU time: {cpu[a] / cpu[b]:.3f}; with the epoch start: "
-                  f"{whole[a] / whole[b]:.3f}]")
+                  f"{whole[a] / whole[b]:.3f}; epoch medians, the machine's noise included: "
+                  "the accounted ratios below are the check]")
     accounted(results, median)
     if "D" in results and "A" in results:
         extra = results["D"]["peak_rss_mb"] - results["A"]["peak_rss_mb"]
@@ -432,13 +434,17 @@ def accounted(results, median):
           "the same for the other" + (f"; the epoch medians' noise: {', '.join(noise)}, where "
                                       "the first does at least as much as the second" if noise
                                       else ""))
-    for name, a, b, target in TARGETS:
-        if a in hooks and b in hooks:
-            low = (base + hooks[a]) / (base + hooks[b])
-            high = (base + hooks[a] + background[a]) / (base + hooks[b] + background[b])
-            print(f"  accounted {name} = {high:.3f} with the background CPU as wall time, "
-                  f"{low:.3f} without  (target <= {target:.2f})  "
-                  f"{'PASS' if high <= target else 'FAIL'}")
+    # A variant's own work does not shrink with the epoch: the ratios are highest
+    # on A's fastest epoch, checked there too.
+    fastest = min(e["seconds"] for e in results["A"]["epochs"])
+    for epoch, label in ((base, ""), (fastest, f" at A's fastest epoch ({fastest:.2f} s)")):
+        for name, a, b, target in TARGETS:
+            if a in hooks and b in hooks:
+                low = (epoch + hooks[a]) / (epoch + hooks[b])
+                high = (epoch + hooks[a] + background[a]) / (epoch + hooks[b] + background[b])
+                print(f"  accounted {name}{label} = {high:.3f} with the background CPU as wall "
+                      f"time, {low:.3f} without  (target <= {target:.2f})  "
+                      f"{'PASS' if high <= target else 'FAIL'}")
 
 
 if __name__ == "__main__":

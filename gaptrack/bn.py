@@ -137,8 +137,7 @@ def watch_inputs(bn_layers, replicas=1):
                 else:
                     mean, var = keras_private.batch_moments(_layer, ops.cast(inputs, "float32"),
                                                             mask)
-                record[id(_layer)] = (bool(taken), ops.reshape(ops.cast(mean, "float32"), (-1,)),
-                                      ops.reshape(ops.cast(var, "float32"), (-1,)), n)
+                record[id(_layer)] = (bool(taken), _flat32(mean), _flat32(var), n)
                 return outputs
             outputs, mean_sum, var_sum, start = [], 0.0, 0.0, 0
             for size in shard_sizes(ops.shape(inputs)[0], replicas):
@@ -161,6 +160,14 @@ def watch_inputs(bn_layers, replicas=1):
         for bn in bn_layers:
             # Removes the instance attribute, so the class's ``call`` is back.
             object.__delattr__(bn.layer, "call")
+
+
+def _flat32(moment):
+    """A layer's batch moment as a float32 vector (no op where it is one already)."""
+    from keras import ops
+
+    moment = ops.cast(moment, "float32")
+    return moment if len(moment.shape) == 1 else ops.reshape(moment, (-1,))
 
 
 def staleness(moving_mean, moving_variance, mean, variance, epsilon):

@@ -218,19 +218,12 @@ class Measurer:
         passes = self._compiled(probe)
         metric_values = keras_private.fresh_metric_values(self.model)
         seeds = [ops.convert_to_tensor(s) for s in self._seed_values(passes)]
-        sums = []
-        for bn in self.bn_layers:
-            zeros = ops.zeros([int(np.prod(bn.layer.moving_mean.shape))], "float32")
-            sums.append((ops.convert_to_tensor(0.0, "float32"), zeros, zeros))
+        sums = passes.empty_sums()
         chunk = self._train_chunk_size(probe) if passes.chunk_batches else self.batch_size
         with passes.random_state(self.seed):
             for x, y, sw in probe.batches(chunk):
                 metric_values, seeds, sums = passes.train((x, y, sw), metric_values, seeds, sums)
-        population = []
-        for count, mean_sum, var_sum in sums:
-            count = float(count)
-            population.append((ops.convert_to_numpy(mean_sum) / count,
-                               ops.convert_to_numpy(var_sum) / count) if count else None)
+        population = passes.population(sums)
         trains = [passes.trains.get(id(bn.layer), False) for bn in self.bn_layers]
         return self._floats(passes.logs(metric_values)), population, trains
 

@@ -40,6 +40,8 @@ and ``recalibrate_bn``.
 import contextlib
 import weakref
 
+import numpy as np
+
 from gaptrack import keras_private
 from gaptrack.bn import watch_inputs
 
@@ -102,6 +104,10 @@ class CompiledPasses:
         position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
         self.bn_index = [(position[id(bn.layer.moving_mean)], position[id(bn.layer.moving_variance)])
                          for bn in bn_layers]
+        #: channels of each BN layer, in the packed PreciseBN sums (:meth:`empty_sums`)
+        self.bn_sizes = [int(np.prod(bn.layer.moving_mean.shape)) for bn in bn_layers]
+        #: the layer (index) of each channel of the packed sums
+        self._channel_layer = np.repeat(np.arange(len(bn_layers)), self.bn_sizes).astype("int32")
         #: ``{id(layer): whether it used batch statistics}``, read while tracing.
         self.trains = {}
         self._traces = {"train": 0, "infer": 0}
@@ -120,8 +126,36 @@ class CompiledPasses:
     def train(self, data, metric_values, seeds, sums):
         """The training-mode pass over ``data`` (``(x, y, sample_weight)``; whole
         training batches, the last may be partial; one batch unless
-        :attr:`chunk_batches`). Returns ``(metric_values, seeds, sums)``."""
+        :attr:`chunk_batches`). ``sums`` are the PreciseBN sums so far
+        (:meth:`empty_sums`). Returns ``(metric_values, seeds, sums)``."""
         return self._runner.train(data, metric_values, seeds, sums)
+
+    def empty_sums(self):
+        """The PreciseBN sums before the first batch, packed into three tensors
+        (few tensors in and out of each call, few ops a batch): per BN layer the
+        samples it saw, and for all layers' channels one after another the sums of
+        the batch means and variances, each weighted by its batch's samples."""
+        from keras import ops
+
+        total = sum(self.bn_sizes)
+        return (ops.zeros([len(self.bn_sizes)], "float32"), ops.zeros([total], "float32"),
+                ops.zeros([total], "float32"))
+
+    def population(self, sums):
+        """Per BN layer, ``(mean, variance)`` numpy arrays of the population the
+        pass saw (the weighted means of the batch moments), or ``None`` for a layer
+        that saw no sample."""
+        from keras import ops
+
+        counts, mean_sum, var_sum = (ops.convert_to_numpy(a) for a in sums)
+        population, start = [], 0
+        for count, size in zip(counts, self.bn_sizes):
+            stop = start + size
+            count = float(count)
+            population.append((mean_sum[start:stop] / count, var_sum[start:stop] / count)
+                              if count else None)
+            start = stop
+        return population
 
     def infer(self, data, eval_values, pbn_values, population, moments):
         """The inference step on one batch. Returns ``(eval_values, pbn_values,
@@ -161,16 +195,33 @@ class CompiledPasses:
             new_nt, metric_values, _, _ = keras_private.stateless_forward(
                 model, trainable, non_trainable, x, y, sw, metric_values, training=True,
                 loss=self.loss)
-        new_sums = []
-        for bn, (count, mean_sum, var_sum) in zip(self.bn_layers, sums):
+        return metric_values, [new_nt[i] for i in self.seed_index], self._add_moments(sums, record)
+
+    def _add_moments(self, sums, record):
+        """``sums`` plus one batch's moments of each BN layer (:meth:`empty_sums`),
+        in a few ops for all layers together."""
+        from keras import ops
+
+        if not self.bn_layers:
+            return sums
+        counts, means, variances = [], [], []
+        for bn, size in zip(self.bn_layers, self.bn_sizes):
             if id(bn.layer) not in record:  # the layer is not on this forward path
                 self.trains[id(bn.layer)] = False
-                new_sums.append((count, mean_sum, var_sum))
+                counts.append(ops.zeros((), "float32"))
+                means.append(ops.zeros([size], "float32"))
+                variances.append(ops.zeros([size], "float32"))
                 continue
             trains, mean, var, n = record[id(bn.layer)]
             self.trains[id(bn.layer)] = trains
-            new_sums.append((count + n, mean_sum + n * mean, var_sum + n * var))
-        return metric_values, [new_nt[i] for i in self.seed_index], new_sums
+            counts.append(n)
+            means.append(mean)
+            variances.append(var)
+        counts = ops.stack(counts)
+        weights = ops.take(counts, self._channel_layer)
+        count_sum, mean_sum, var_sum = sums
+        return (count_sum + counts, mean_sum + ops.concatenate(means) * weights,
+                var_sum + ops.concatenate(variances) * weights)
 
     def _infer_step(self, forward, trainable, non_trainable, x, y, sw, eval_values, pbn_values,
                     population, moments):

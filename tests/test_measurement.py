@@ -260,6 +260,55 @@ def test_precise_bn_statistics_equal_numpy_on_layer_inputs():
     assert_close(m.precise_bn, expected, rtol=1e-5)
 
 
+class OffPath(keras.Model):
+    """BN layers of 6, 4 and 16 channels; the 4-channel one is not on the forward path."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_in = keras.layers.BatchNormalization()
+        self.unused = keras.layers.BatchNormalization()
+        self.unused.build((None, 4))
+        self.hidden = keras.layers.Dense(16, activation="elu")
+        self.bn = keras.layers.BatchNormalization()
+        self.out = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, x, training=False):
+        h = self.hidden(self.bn_in(x, training=training))
+        return self.out(self.bn(h, training=training))
+
+
+def test_population_statistics_of_layers_of_other_widths_and_off_the_path():
+    """Each layer's statistics from its own channels, whatever the widths of the
+    others; a BN layer the forward pass does not call has none and does not train."""
+    keras.utils.set_random_seed(7)
+    x, y = blobs(100)
+    model = OffPath()
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, batch_size=25, epochs=1, verbose=0)
+    m = gaptrack.measure(model, (x, y), batch_size=30)
+    by_layer = {id(layer): stats for layer, stats in
+                zip((model.bn_in, model.unused, model.bn), m.bn)}
+    assert [s.mean.shape for s in m.bn] == [(6,), (4,), (16,)]
+    unused = by_layer[id(model.unused)]
+    assert not unused.trains and np.isnan(unused.mean).all() and np.isnan(unused.variance).all()
+    # numpy on each called layer's inputs, batch by batch (training mode: batch statistics)
+    batches = [x[s:s + 30] for s in range(0, len(x), 30)]
+    bn_in_state = [v.numpy() for v in model.bn_in.non_trainable_variables]
+    hidden_inputs = [ops.convert_to_numpy(model.hidden(model.bn_in(b, training=True)))
+                     for b in batches]
+    for v, value in zip(model.bn_in.non_trainable_variables, bn_in_state):
+        v.assign(value)
+    for layer, inputs in ((model.bn_in, batches), (model.bn, hidden_inputs)):
+        stats = by_layer[id(layer)]
+        n = np.array([len(b) for b in inputs], dtype=np.float64)[:, None]
+        inputs = [np.asarray(b, dtype=np.float64) for b in inputs]
+        mean = (n * np.stack([b.mean(axis=0) for b in inputs])).sum(0) / n.sum()
+        var = (n * np.stack([b.var(axis=0) for b in inputs])).sum(0) / n.sum()
+        assert stats.trains
+        np.testing.assert_allclose(stats.mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats.variance, var, rtol=1e-5, atol=1e-6)
+
+
 def test_no_bn_means_no_precise_bn_and_frozen_bn_is_not_recomputed():
     keras.utils.set_random_seed(4)
     x, y = blobs(64)
