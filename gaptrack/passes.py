@@ -148,14 +148,10 @@ class CompiledPasses:
         from keras import ops
 
         counts, mean_sum, var_sum = (ops.convert_to_numpy(a) for a in sums)
-        population, start = [], 0
-        for count, size in zip(counts, self.bn_sizes):
-            stop = start + size
-            count = float(count)
-            population.append((mean_sum[start:stop] / count, var_sum[start:stop] / count)
-                              if count else None)
-            start = stop
-        return population
+        bounds = np.cumsum(self.bn_sizes)[:-1]
+        return [(mean / float(count), var / float(count)) if count else None
+                for count, mean, var in zip(counts, np.split(mean_sum, bounds),
+                                            np.split(var_sum, bounds))]
 
     def infer(self, data, eval_values, pbn_values, population, moments):
         """The inference step on one batch. Returns ``(eval_values, pbn_values,

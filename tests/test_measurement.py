@@ -231,6 +231,15 @@ def _bn_inputs_in_training_mode(model, x, batch_size):
     return bns, per_layer
 
 
+def _population(batches):
+    """PreciseBN's population statistics, in numpy: the batches' means and (biased,
+    as Keras') variances, averaged weighted by the batches' sizes."""
+    batches = [np.asarray(b, dtype=np.float64) for b in batches]
+    n = np.array([len(b) for b in batches], dtype=np.float64)[:, None]
+    return ((n * np.stack([b.mean(axis=0) for b in batches])).sum(0) / n.sum(),
+            (n * np.stack([b.var(axis=0) for b in batches])).sum(0) / n.sum())
+
+
 def test_precise_bn_statistics_equal_numpy_on_layer_inputs():
     keras.utils.set_random_seed(3)
     x, y = blobs(130)
@@ -245,11 +254,7 @@ def test_precise_bn_statistics_equal_numpy_on_layer_inputs():
     for stats, layer_inputs, clone_bn in zip(
             m.bn, inputs, [l for l in clone.layers
                            if isinstance(l, keras.layers.BatchNormalization)]):
-        n = np.array([len(b) for b in layer_inputs], dtype=np.float64)
-        means = np.stack([b.mean(axis=0) for b in layer_inputs])
-        variances = np.stack([b.var(axis=0) for b in layer_inputs])  # biased, as Keras
-        mean = (n[:, None] * means).sum(0) / n.sum()
-        var = (n[:, None] * variances).sum(0) / n.sum()
+        mean, var = _population(layer_inputs)
         np.testing.assert_allclose(stats.mean, mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(stats.variance, var, rtol=1e-5, atol=1e-6)
         assert stats.trains
@@ -293,17 +298,11 @@ def test_population_statistics_of_layers_of_other_widths_and_off_the_path():
     assert not unused.trains and np.isnan(unused.mean).all() and np.isnan(unused.variance).all()
     # numpy on each called layer's inputs, batch by batch (training mode: batch statistics)
     batches = [x[s:s + 30] for s in range(0, len(x), 30)]
-    bn_in_state = [v.numpy() for v in model.bn_in.non_trainable_variables]
     hidden_inputs = [ops.convert_to_numpy(model.hidden(model.bn_in(b, training=True)))
                      for b in batches]
-    for v, value in zip(model.bn_in.non_trainable_variables, bn_in_state):
-        v.assign(value)
     for layer, inputs in ((model.bn_in, batches), (model.bn, hidden_inputs)):
         stats = by_layer[id(layer)]
-        n = np.array([len(b) for b in inputs], dtype=np.float64)[:, None]
-        inputs = [np.asarray(b, dtype=np.float64) for b in inputs]
-        mean = (n * np.stack([b.mean(axis=0) for b in inputs])).sum(0) / n.sum()
-        var = (n * np.stack([b.var(axis=0) for b in inputs])).sum(0) / n.sum()
+        mean, var = _population(inputs)
         assert stats.trains
         np.testing.assert_allclose(stats.mean, mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(stats.variance, var, rtol=1e-5, atol=1e-6)

@@ -86,3 +86,15 @@ def test_staleness_cells_are_the_values_on_viridis():
     for end in (0.0, 1.0):
         color = np.round(255 * np.array(colormaps["viridis"](end)[:3]))
         assert np.all(image == color, axis=2).any(axis=1).sum() >= 1  # the bar's end
+
+
+
+@pytest.mark.parametrize("ticks, labels", [
+    ([0.0, 0.025, 0.05, 0.075], ["0.000", "0.025", "0.050", "0.075"]),
+    ([-1.0, -0.5, 0.0, 0.5], ["-1.0", "-0.5", "0.0", "0.5"]),
+    ([0.0, 2.0, 4.0], ["0", "2", "4"]),
+    ([0.0, 0.0002, 0.0004], ["0.0000", "0.0002", "0.0004"]),
+])
+def test_tick_labels_have_the_decimals_their_step_needs(ticks, labels):
+    step = ticks[1] - ticks[0]
+    assert [stepcharts._tick_label(t, step) for t in ticks] == labels
