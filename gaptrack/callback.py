@@ -64,6 +64,7 @@ from gaptrack.decompose import decompose, summarize
 from gaptrack.distribute import replication
 from gaptrack.measurement import Measurer
 from gaptrack.fitparams import check_steps, guess_batch_size
+from gaptrack.keras3 import require_keras3
 from gaptrack.probe import Probe, check_positive_int
 from gaptrack.record import EpochRecord
 from gaptrack.safety import Guard
@@ -160,6 +161,11 @@ class GapTracker(keras.callbacks.Callback):
         return self.logger.run_id if self.logger else self._given_run_id
 
     # -- Keras hooks -------------------------------------------------------------
+
+    def set_model(self, model):
+        # the first hook Keras calls: a Keras 2 model is refused before anything fails
+        require_keras3(model, "gaptrack.GapTracker")
+        super().set_model(model)
 
     def on_train_begin(self, logs=None):
         import mlflow
