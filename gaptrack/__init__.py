@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "GapTracker": "gaptrack.callback",
+    "Report": "gaptrack.report",
+    "explain": "gaptrack.explaining",
+    "load_run": "gaptrack.runs",
     "autolog": "gaptrack.autologging",
     "measure": "gaptrack.measurement",
     "Measurement": "gaptrack.measurement",
