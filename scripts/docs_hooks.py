@@ -1,0 +1,162 @@
+"""MkDocs hooks: the reference pages generated from the code at build time.
+
+- ``reference/api.md``: one section per name of ``gaptrack.__all__``, rendered by
+  mkdocstrings from its signature and docstring, so a public name added to the
+  package appears without editing the docs.
+- ``reference/keys.md``: every metric key, tag and artifact path, read from
+  ``gaptrack/keys.py`` (its namespace table, its constants with their ``#:``
+  comments, its key-building functions).
+
+The build documents the checkout it runs in: the repository's root goes first
+on ``sys.path`` and ``PYTHONPATH`` (the tutorial notebook's kernel inherits it).
+"""
+
+import ast
+import importlib
+import os
+import re
+import sys
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS_SOURCE = ROOT / "gaptrack" / "keys.py"
+
+
+def on_config(config):
+    sys.path.insert(0, str(ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return config
+
+
+def on_files(files, config):
+    for uri, content in (("reference/api.md", api_page()), ("reference/keys.md", keys_page())):
+        files.append(File.generated(config, uri, content=content))
+    return files
+
+
+# -- the Python API -------------------------------------------------------------------
+
+
+def public_names():
+    """``gaptrack.__all__`` without the dunders, each with the module defining it."""
+    gaptrack = importlib.import_module("gaptrack")
+    lazy = getattr(gaptrack, "_PUBLIC", {})  # name -> module, without importing Keras
+    names = sorted((n for n in gaptrack.__all__ if not n.startswith("__")), key=str.lower)
+    return gaptrack.__version__, [(n, lazy.get(n) or getattr(gaptrack, n).__module__)
+                                  for n in names]
+
+
+def api_page():
+    version, names = public_names()
+    lines = ["# Python API", "",
+             f"Every public name of `gaptrack` {version} (`gaptrack.__all__`), with its "
+             "signature and docstring, generated from the code at build time. "
+             "The command line over the same functions is in [CLI](cli.md); the keys "
+             "they log are in [Keys, tags and artifacts](keys.md).", ""]
+    lines += [f"- [`gaptrack.{name}`](#{name.lower()})" for name, _ in names]
+    for name, module in names:
+        lines += ["", f"## `gaptrack.{name}` {{#{name.lower()}}}", "",
+                  f"::: {module}.{name}",
+                  "    options:",
+                  "      show_root_heading: false",
+                  "      heading_level: 3", ""]
+    return "\n".join(lines)
+
+
+# -- keys, tags, artifacts -------------------------------------------------------------
+
+
+def _inline(text):
+    """reST inline markup of the docstrings as Markdown."""
+    text = re.sub(r":(?:mod|func|class|meth|attr):`~?([^`]+)`", r"`\1`", text)
+    return text.replace("``", "`")
+
+
+def _rst_table(lines):
+    """A reST simple table (``====  ====`` rules) as Markdown rows."""
+    rule = next(line for line in lines if line.startswith("="))
+    starts = [m.start() for m in re.finditer(r"=+", rule)]
+    rows = []
+    for line in lines:
+        if line.startswith("=") or not line.strip():
+            continue
+        cells = [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
+        if rows and not cells[0]:  # a continuation line
+            rows[-1] = [f"{old} {new}".strip() for old, new in zip(rows[-1], cells)]
+        else:
+            rows.append(cells)
+    out = ["| key | what it is |", "|---|---|"]
+    return out + ["| " + " | ".join(_inline(c).replace("|", "\\|") for c in row) + " |"
+                  for row in rows]
+
+
+def _docstring_markdown(doc):
+    """The module docstring, its reST tables as Markdown tables."""
+    out, table = [], []
+    for line in doc.splitlines():
+        if line.startswith("=") or table:
+            table.append(line)
+            if sum(1 for t in table if t.startswith("=")) == 3:
+                out += _rst_table(table)
+                table = []
+            continue
+        out.append(_inline(line))
+    return "\n".join(out)
+
+
+def _constants(tree, source_lines):
+    """``(section, name, value, comment)`` of the module's upper-case constants
+    whose value is a string or a tuple of strings; sections are the ``# -- x --``
+    rules of the source."""
+    sections = {i + 1: m.group(1).strip() for i, line in enumerate(source_lines)
+                if (m := re.match(r"#\s*--\s*(.+?)\s*-{3,}\s*$", line))}
+    found = []
+    for node in tree.body:
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target = node.targets[0]
+        names = target.elts if isinstance(target, ast.Tuple) else [target]
+        if not all(isinstance(n, ast.Name) and n.id.isupper() for n in names):
+            continue
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue
+        values = value if isinstance(target, ast.Tuple) else (value,)
+        section = next((sections[i] for i in sorted(sections, reverse=True)
+                        if i < node.lineno), "metric keys")
+        comment, line = [], node.lineno - 2
+        while line >= 0 and source_lines[line].lstrip().startswith("#:"):
+            comment.insert(0, source_lines[line].lstrip()[2:].strip())
+            line -= 1
+        for name, v in zip((n.id for n in names), values):
+            if isinstance(v, str) or (isinstance(v, tuple) and all(isinstance(x, str) for x in v)):
+                found.append((section, name, v, _inline(" ".join(comment))))
+    return found
+
+
+def keys_page():
+    source = KEYS_SOURCE.read_text()
+    tree = ast.parse(source)
+    lines = ["# Keys, tags and artifacts", "",
+             "Everything gaptrack writes to MLflow, generated at build time from "
+             "`gaptrack/keys.py`, the one module that spells a key and parses it back.", "",
+             "## The namespace", "", _docstring_markdown(ast.get_docstring(tree)), ""]
+    section = None
+    for sect, name, value, comment in _constants(tree, source.splitlines()):
+        if sect != section:
+            section = sect
+            lines += ["", f"## {sect.capitalize()}", "",
+                      "| constant | value | note |", "|---|---|---|"]
+        shown = ", ".join(f"`{v}`" for v in value) if isinstance(value, tuple) else f"`{value}`"
+        lines.append(f"| `{name}` | {shown} | {comment.replace('|', chr(92) + '|')} |")
+    builders = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)
+                and not n.name.startswith("_") and n.name.endswith(("_key", "_path"))]
+    lines += ["", "## How a key is built", ""]
+    for name in builders:
+        lines += [f"::: gaptrack.keys.{name}", "    options:", "      heading_level: 3",
+                  "      show_root_heading: true", ""]
+    return "\n".join(lines) + "\n"
