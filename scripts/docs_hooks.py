@@ -84,7 +84,7 @@ def _rst_table(lines):
         if line.startswith("=") or not line.strip():
             continue
         cells = [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
-        if rows and not cells[0]:  # a continuation line
+        if rows and (not cells[0] or rows[-1][0].endswith(",")):  # a continuation line
             rows[-1] = [f"{old} {new}".strip() for old, new in zip(rows[-1], cells)]
         else:
             rows.append(cells)
@@ -94,17 +94,20 @@ def _rst_table(lines):
 
 
 def _docstring_markdown(doc):
-    """The module docstring, its reST tables as Markdown tables."""
+    """The module docstring, its reST tables (from a ``====`` rule to the next
+    blank line) as Markdown tables."""
     out, table = [], []
-    for line in doc.splitlines():
-        if line.startswith("=") or table:
+    for line in doc.splitlines() + [""]:
+        if table and line.strip():
             table.append(line)
-            if sum(1 for t in table if t.startswith("=")) == 3:
-                out += _rst_table(table)
-                table = []
-            continue
-        out.append(_inline(line))
-    return "\n".join(out)
+        elif table:
+            out += _rst_table(table) + [""]
+            table = []
+        elif line.startswith("="):
+            table = [line]
+        else:
+            out.append(_inline(line))
+    return "\n".join(out).rstrip()
 
 
 def _constants(tree, source_lines):
