@@ -7,6 +7,10 @@
   ``gaptrack/keys.py`` (its namespace table, its constants with their ``#:``
   comments, its key-building functions).
 
+``RstDocstrings``, a griffe extension, lets mkdocstrings render the docstrings'
+reST touches (``:class:`x``` roles, ``::`` literal blocks, ``>>>`` examples) as
+Markdown.
+
 The build documents the checkout it runs in: the repository's root goes first
 on ``sys.path`` and ``PYTHONPATH`` (the tutorial notebook's kernel inherits it).
 """
@@ -18,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+import griffe
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,10 +74,62 @@ def api_page():
 # -- keys, tags, artifacts -------------------------------------------------------------
 
 
+_ROLE = re.compile(r":(?:mod|func|class|meth|attr|exc|data|obj):`~?([^`]+)`")
+
+
 def _inline(text):
     """reST inline markup of the docstrings as Markdown."""
-    text = re.sub(r":(?:mod|func|class|meth|attr):`~?([^`]+)`", r"`\1`", text)
-    return text.replace("``", "`")
+    return _ROLE.sub(r"`\1`", text).replace("``", "`")
+
+
+def _indent(line):
+    return len(line) - len(line.lstrip())
+
+
+def rst_to_markdown(doc):
+    """A docstring's reST roles, ``::`` literal blocks and ``>>>`` sessions as
+    Markdown (inline code, fenced blocks); the Google sections are kept."""
+    lines, out, i = doc.splitlines(), [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith(">>>"):
+            pad, block = " " * _indent(line), []
+            while i < len(lines) and lines[i].strip():
+                block.append(lines[i][len(pad):])
+                i += 1
+            out += [pad + "```pycon", *(pad + b for b in block), pad + "```"]
+            continue
+        if line.rstrip().endswith("::") and not line.strip().startswith(".."):
+            text = line.rstrip()[:-2].rstrip()
+            out.append(_ROLE.sub(r"`\1`", text + ":" if text else ""))
+            j = i + 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            block, pad = [], _indent(lines[j]) if j < len(lines) else 0
+            while j < len(lines) and (not lines[j].strip() or _indent(lines[j]) >= pad) \
+                    and pad > _indent(line):
+                block.append(lines[j][pad:])
+                j += 1
+            while block and not block[-1].strip():
+                block.pop()
+            if block:
+                fence = " " * _indent(line)
+                out += ["", fence + "```text", *(fence + b for b in block), fence + "```", ""]
+                i = j
+                continue
+            i += 1
+            continue
+        out.append(_ROLE.sub(r"`\1`", line))
+        i += 1
+    return "\n".join(out)
+
+
+class RstDocstrings(griffe.Extension):
+    """mkdocstrings' docstrings through :func:`rst_to_markdown`."""
+
+    def on_object(self, *, obj, **kwargs):
+        if obj.docstring is not None:
+            obj.docstring.value = rst_to_markdown(obj.docstring.value)
 
 
 def _rst_table(lines):

@@ -188,3 +188,18 @@ def test_version_moves_with_the_changelog():
         assert version.split(".dev")[0] not in releases
     else:
         assert version == next(r for r in releases if r != "Unreleased")
+
+
+def test_docstrings_rest_becomes_markdown():
+    doc = ("Sum :func:`gaptrack.decompose.decompose` parts::\n\n"
+           "    gap = drift + mode + bn_ema\n\n"
+           "Example:\n"
+           "    >>> decompose(fit, eval_train)\n"
+           "    Parts(gap=0.1)\n\n"
+           "Done.")
+    assert load_hooks().rst_to_markdown(doc).splitlines() == [
+        "Sum `gaptrack.decompose.decompose` parts:", "",
+        "```text", "gap = drift + mode + bn_ema", "```", "",
+        "Example:",
+        "    ```pycon", "    >>> decompose(fit, eval_train)", "    Parts(gap=0.1)", "    ```", "",
+        "Done."]
