@@ -12,7 +12,8 @@ reST touches (``:class:`x``` roles, ``::`` literal blocks, ``>>>`` examples) as
 Markdown.
 
 The build documents the checkout it runs in: the repository's root goes first
-on ``sys.path`` and ``PYTHONPATH`` (the tutorial notebook's kernel inherits it).
+on ``sys.path`` and ``PYTHONPATH`` (the tutorial notebook's kernel inherits it,
+and ``TF_CPP_MIN_LOG_LEVEL=2``).
 """
 
 import ast
@@ -30,6 +31,9 @@ KEYS_SOURCE = ROOT / "gaptrack" / "keys.py"
 
 
 def on_config(config):
+    # TensorFlow's start-up lines off in the notebook's kernel, as the project's
+    # entry points do (its oneDNN line prints at any level)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT))
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -40,6 +44,27 @@ def on_files(files, config):
     for uri, content in (("reference/api.md", api_page()), ("reference/keys.md", keys_page())):
         files.append(File.generated(config, uri, content=content))
     return files
+
+
+#: TensorFlow's C++ log lines (absl), which it writes to the kernel's stderr at
+#: import before any log level applies; not the notebook's content.
+_TF_LOG_LINE = re.compile(r"^(?:WARNING: All log messages before absl::InitializeLog\(\).*"
+                          r"|[IWEF]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*"
+                          r"|To enable the following instructions: .*)\n?", re.M)
+_STDERR = re.compile(r'(<div class="jp-RenderedText[^"]*" data-mime-type="application/'
+                     r'vnd\.jupyter\.stderr"[^>]*>\s*<pre>)(.*?)(</pre>)', re.S)
+_EMPTY_OUTPUT = re.compile(r'<div class="jp-OutputArea-child">\s*<div class="jp-OutputPrompt'
+                           r'[^"]*"></div>\s*<div class="jp-RenderedText[^"]*" data-mime-type='
+                           r'"application/vnd\.jupyter\.stderr"[^>]*>\s*<pre></pre>\s*</div>'
+                           r'\s*</div>', re.S)
+
+
+def on_page_content(html, page, config, files):
+    """A notebook's stderr outputs without TensorFlow's start-up log lines."""
+    if not page.file.src_uri.endswith(".ipynb"):
+        return html
+    html = _STDERR.sub(lambda m: m[1] + _TF_LOG_LINE.sub("", m[2]).strip() + m[3], html)
+    return _EMPTY_OUTPUT.sub("", html)
 
 
 # -- the Python API -------------------------------------------------------------------
