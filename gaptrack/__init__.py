@@ -11,7 +11,7 @@ function is used.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # pyproject.toml reads it; see CHANGELOG.md
 
 _PUBLIC = {
     "GapTracker": "gaptrack.callback",
