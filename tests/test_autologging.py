@@ -1,5 +1,8 @@
 """gaptrack.autolog(): every fit() tracked, with fit's own training data as probe."""
 
+import re
+import warnings
+
 import keras
 import mlflow
 import numpy as np
@@ -58,19 +61,89 @@ def test_an_explicit_tracker_is_not_doubled(sqlite_uri, autologged):
     assert [p.step for p in points] == [0, 1]
 
 
-def test_infinite_dataset_needs_a_probe(sqlite_uri, autologged):
-    x, y = blobs(64)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
-    model = mlp()
-    before = [v.numpy().copy() for v in model.trainable_variables]
-    with pytest.raises(ProbeError, match=r"infinite.*steps_per_epoch=4.*autolog\(probe="):
-        model.fit(dataset, steps_per_epoch=4, epochs=1, verbose=0)
-    assert all((a == b.numpy()).all() for a, b in zip(before, model.trainable_variables))
-    gaptrack.autolog(probe=dataset.take(2))
+def shuffled_stream(x, y, batch):
+    """A repeated pipeline with a seeded shuffle (its order changes every pass)."""
+    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=3).repeat().batch(batch)
+
+
+def test_infinite_pipeline_is_measured_on_one_draw_and_fit_reads_what_it_would(
+        sqlite_uri, autologged):
+    """fit(dataset.repeat(), steps_per_epoch=4) under autolog: measured on the
+    pipeline's first 4 batches, drawn once from a copy (one ProbeWarning), and
+    fit trains on the very batches it trains on without gaptrack: the weights
+    are bitwise those of a fit without it (a draw from the pipeline itself would
+    move the shuffle on by one pass)."""
+    x, y = blobs(96)
+    runs = {}
+    for tracked in (False, True):
+        gaptrack.autolog(disable=not tracked)
+        keras.utils.set_random_seed(0)
+        model, dataset = mlp(), shuffled_stream(x, y, 16)
+        with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = model.fit(dataset, steps_per_epoch=4, epochs=2, verbose=0)
+        runs[tracked] = model, history, run.info.run_id, caught
+    for a, b in zip(runs[False][0].weights, runs[True][0].weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert runs[False][1].history == runs[True][1].history
+    ours = [w for w in runs[True][3] if issubclass(w.category, gaptrack.probe.ProbeWarning)]
+    assert len(ours) == 1 and "first 4 batches (64 samples)" in str(ours[0].message)
+    model, history, run_id, _ = runs[True]
+    data = MlflowClient().get_run(run_id).data
+    assert data.tags["gaptrack.probe_size"] == "64" and data.tags["gaptrack.batch_size"] == "16"
+    assert "one fixed draw" in data.tags["gaptrack.probe_origin"]
+    keras.utils.set_random_seed(0)  # the same seeds: a fresh pipeline's first pass
+    probe = list(shuffled_stream(x, y, 16).take(4).as_numpy_iterator())
+    px, py = np.concatenate([b[0] for b in probe]), np.concatenate([b[1] for b in probe])
+    assert len(np.unique(px[:, 0])) == 64
+    expected = model.evaluate(px, py, verbose=0, return_dict=True)
+    assert data.metrics["eval_train/loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert data.metrics["fit/loss"] == history.history["loss"][-1]
+
+    gaptrack.autolog(probe=shuffled_stream(x, y, 16).take(2))  # a probe given is used
     with mlflow.start_run() as run:
-        model.fit(dataset, steps_per_epoch=4, epochs=1, verbose=0)
+        model.fit(shuffled_stream(x, y, 16), steps_per_epoch=4, epochs=1, verbose=0)
     tags = MlflowClient().get_run(run.info.run_id).data.tags
-    assert tags["gaptrack.probe_size"] == "32" and tags["gaptrack.batch_size"] == "16"
+    assert tags["gaptrack.probe_size"] == "32" and "gaptrack.probe_origin" not in tags
+
+
+def labels_from_an_iterator(x):
+    """A pipeline whose map() draws labels from an iterator: no copy of it can
+    be read without advancing that iterator for fit too."""
+    labels = iter(tf.data.Dataset.range(10**6))
+    return tf.data.Dataset.from_tensor_slices(x).map(
+        lambda a: (a, labels.get_next() % 3)).repeat().batch(16)
+
+
+def test_a_pipeline_that_cannot_be_copied_logs_fit_and_leaves_training_alone(
+        sqlite_uri, autologged):
+    """Not measurable without touching fit's reading: fit/* is logged after one
+    ProbeWarning saying why, and training is what it is without gaptrack; the
+    same data given to GapTracker by hand is refused at construction."""
+    x, _ = blobs(64)
+    results = []
+    for tracked in (False, True):
+        gaptrack.autolog(disable=not tracked)
+        keras.utils.set_random_seed(0)
+        model = mlp()
+        with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = model.fit(labels_from_an_iterator(x), steps_per_epoch=4, epochs=2,
+                                verbose=0)
+        results.append((model.get_weights(), history.history, run.info.run_id, caught))
+    for a, b in zip(results[0][0], results[1][0]):
+        np.testing.assert_array_equal(a, b)
+    assert results[0][1] == results[1][1]
+    ours = [w for w in results[1][3] if issubclass(w.category, gaptrack.probe.ProbeWarning)]
+    assert len(ours) == 1
+    assert re.search(r"cannot be copied without sharing state with fit.*logs fit/\* and does "
+                     r"not measure.*autolog\(probe=", str(ours[0].message))
+    data = MlflowClient().get_run(results[1][2]).data
+    assert data.metrics["fit/loss"] == results[1][1]["loss"][-1]
+    assert not any(key.startswith(("eval_train/", "gap")) for key in data.metrics)
+    assert "gaptrack.error" not in data.tags
+    with pytest.raises(ProbeError, match="infinite tf.data.Dataset"):
+        gaptrack.GapTracker(labels_from_an_iterator(x))
 
 
 @pytest.mark.parametrize("as_dataset", [False, True], ids=["arrays", "dataset"])
