@@ -221,3 +221,92 @@ def test_fit_on_a_generator_logs_fit_and_says_how_to_give_a_probe(sqlite_uri, au
     assert data.metrics["fit/loss"] == history.history["loss"][-1]
     assert not any(key.startswith(("eval_train/", "gap")) for key in data.metrics)
     assert "gaptrack.error" not in data.tags
+
+
+class EpochWeights(keras.callbacks.Callback):
+    """Keeps a copy of the weights at every epoch's end."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.model.get_weights())
+
+
+def seed_002_pipeline(images, labels, batch):
+    """Seed 002's training pipeline, as its user wrote it: each class repeated
+    (and shuffled), mixed half and half by sample_from_datasets, batched."""
+
+    def one(label):
+        keep = labels == label
+        pairs = tf.data.Dataset.from_tensor_slices((images[keep], labels[keep]))
+        return pairs.shuffle(int(keep.sum())).repeat()
+
+    return tf.data.Dataset.sample_from_datasets([one(1.0), one(0.0)], weights=[0.5, 0.5]) \
+        .batch(batch)
+
+
+def test_seed_002_oversampled_pipeline_with_early_stopping(server_uri, autologged, tmp_path):
+    """The seed's flow on the real server: an oversampled infinite pipeline, a
+    small CNN with BN and Dropout, EarlyStopping(restore_best_weights=True),
+    ModelCheckpoint and validation data, autolog on. Every epoch is logged with
+    eval_train/*, which is evaluate() of that epoch's weights on the drawn probe
+    (the pipeline's first steps_per_epoch batches, global seed set); the
+    restored weights are logged as returned/*, evaluate() of the model fit()
+    returns; the report says the probe is one draw of the pipeline."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random(200) < 0.15).astype("float32")  # 1 in 7 positive
+    images = (rng.normal(size=(200, 8, 8, 1)) + labels[:, None, None, None]).astype("float32")
+    keras.utils.set_random_seed(0)
+    train = seed_002_pipeline(images, labels, 16)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+        keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dropout(0.3),
+        keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
+    validation = tf.data.Dataset.from_tensor_slices((images[:60], labels[:60])).batch(16)
+    # min_delta: no epoch after the first counts as better, so EarlyStopping stops
+    # after `patience` more and restores epoch 0's weights, whatever the floats do
+    stop = keras.callbacks.EarlyStopping(patience=2, min_delta=1e9, restore_best_weights=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), save_best_only=True)
+    kept = EpochWeights()
+    with mlflow.start_run() as run, pytest.warns(gaptrack.probe.ProbeWarning,
+                                                 match="one fixed draw"):
+        history = model.fit(train, steps_per_epoch=4, epochs=15, validation_data=validation,
+                            callbacks=[stop, checkpoint, kept], verbose=0)
+
+    run_id = run.info.run_id
+    client = MlflowClient()
+    keras.utils.set_random_seed(0)  # the same seeds: a fresh pipeline's first pass
+    drawn = list(seed_002_pipeline(images, labels, 16).take(4).as_numpy_iterator())
+    px, py = np.concatenate([b[0] for b in drawn]), np.concatenate([b[1] for b in drawn])
+    assert 0.3 < py.mean() < 0.7  # oversampled
+    epochs = len(history.history["loss"])
+    assert epochs == 3 and len(kept.weights) == 3
+    returned = model.get_weights()
+    for step, weights in enumerate(kept.weights):
+        model.set_weights(weights)
+        expected = model.evaluate(px, py, verbose=0, return_dict=True)
+        for m in ("loss", "accuracy"):
+            points = {p.step: p.value for p in client.get_metric_history(run_id, f"eval_train/{m}")}
+            assert points[step] == pytest.approx(expected[m], abs=1e-6)
+    for key in ("fit/loss", "val/loss", "gap/loss"):
+        assert [p.step for p in client.get_metric_history(run_id, key)] == [0, 1, 2]
+    model.set_weights(returned)
+    for a, b in zip(returned, kept.weights[0]):
+        np.testing.assert_array_equal(a, b)  # EarlyStopping restored epoch 0
+    best = int(np.argmin(history.history["val_loss"]))  # ModelCheckpoint's own best
+    saved = keras.saving.load_model(tmp_path / "best.keras").get_weights()
+    for a, b in zip(saved, kept.weights[best]):
+        np.testing.assert_array_equal(a, b)
+    data = client.get_run(run_id).data
+    final = model.evaluate(px, py, verbose=0, return_dict=True)
+    assert data.metrics["returned/loss"] == pytest.approx(final["loss"], abs=1e-6)
+    assert data.metrics["returned/accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
+    assert data.tags["gaptrack.returned_weights"] == "epoch 0"
+    assert data.tags["gaptrack.probe_size"] == "64"
+    report = mlflow.artifacts.load_text(f"runs:/{run_id}/gaptrack/report/report.md")
+    assert ("is one fixed draw of the training pipeline, its first 4 batches (64 samples)"
+            in report) and "samples at random" in report
+    assert "returned holds the weights of epoch 0" in report
