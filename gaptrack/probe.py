@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from gaptrack.tfdata import independent_copy, random_ops, sampling_ops
+from gaptrack.tfdata import independent_copy, random_ops
 
 #: Samples measured by default. PreciseBN needs 10^3-10^4 samples for stable
 #: population statistics; larger training sets are sampled down to this.
@@ -249,8 +249,9 @@ class Probe:
         """
         probe_size = (DEFAULT_PROBE_SIZE if probe_size is None
                       else check_positive_int("probe_size", probe_size, ProbeError))
+        copy, sampling = independent_copy(dataset)
         batches, seen = [], 0
-        for element in independent_copy(dataset).as_numpy_iterator():
+        for element in copy.as_numpy_iterator():
             batch = _as_numpy(_unpack(element))
             n = _num_samples(batch)
             if batches and seen + n > probe_size:
@@ -263,7 +264,6 @@ class Probe:
             raise ProbeError("the pipeline is empty (it yielded no batch)")
         x, y, sw = _concatenate(batches, probe_size)
         size, first = min(seen, probe_size), _num_samples(batches[0])
-        sampling = sampling_ops(dataset)
         count = f"{len(batches)} batches" if len(batches) > 1 else "batch"
         origin = (f"one fixed draw of the training pipeline, its first {count} ({size} "
                   "samples), read once at train begin from a copy of it")

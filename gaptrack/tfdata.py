@@ -40,7 +40,8 @@ def _graph(dataset, policy=None):
     import tensorflow as tf
 
     options = {} if policy is None else {"external_state_policy": policy}
-    return tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph(**options).numpy())
+    serialized = dataset._as_serialized_graph(**options)
+    return tf.compat.v1.GraphDef.FromString(serialized.numpy())
 
 
 def random_ops(dataset):
@@ -53,13 +54,6 @@ def random_ops(dataset):
     return sorted(_random(_ops(_graph(dataset))))
 
 
-def sampling_ops(dataset):
-    """The ops that make a pipeline's first batches a random draw: its random
-    ops (:func:`random_ops`) and its ``shuffle()``s, sorted."""
-    ops = _ops(_graph(dataset))
-    return sorted(_random(ops) | {op for op in ops if op.startswith(_SAMPLING_OPS)})
-
-
 def _ops(graph):
     return {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
 
@@ -70,7 +64,11 @@ def _random(ops):
 
 def independent_copy(dataset):
     """A copy of ``dataset`` whose passes leave the original's untouched (see the
-    module docstring).
+    module docstring), and the ops that make its first batches a random draw
+    (its random ops and ``shuffle()``s, sorted).
+
+    Returns:
+        ``(copy, sampling_ops)``.
 
     Raises:
         gaptrack.probe.ProbeError: the pipeline cannot be copied so (the message
@@ -106,5 +104,9 @@ def independent_copy(dataset):
                 "from) that a copy would advance for fit() too")
         node.op = remade[node.name]  # made anew, from the seeds of the op it feeds
         node.ClearField("attr")
-    variant = tf.raw_ops.DatasetFromGraph(graph_def=graph.SerializeToString())
-    return dataset_ops._VariantDataset(variant, dataset.element_spec)
+    ops = _ops(graph)
+    sampling = sorted(_random(ops) | {op for op in ops if op.startswith(_SAMPLING_OPS)})
+    serialized = graph.SerializeToString()
+    del graph  # the pipeline's in-memory data: one copy at a time
+    variant = tf.raw_ops.DatasetFromGraph(graph_def=serialized)
+    return dataset_ops._VariantDataset(variant, dataset.element_spec), sampling
