@@ -81,7 +81,7 @@ def independent_copy(dataset):
 
     try:
         graph = _graph(dataset, tf.data.experimental.ExternalStatePolicy.IGNORE)
-    except (tf.errors.OpError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever stops TensorFlow serialising it
         raise ProbeError("the pipeline cannot be copied: TensorFlow cannot serialise it ("
                          f"{str(exc).splitlines()[0][:200]})") from None
     remade = {}
