@@ -33,7 +33,8 @@ import keras
 
 from gaptrack.callback import GapTracker
 from gaptrack.fitparams import KERAS_DEFAULT_BATCH_SIZE
-from gaptrack.probe import Probe, ProbeError, ProbeWarning, _is_py_dataset, _is_tf_dataset
+from gaptrack.probe import (Probe, ProbeError, ProbeWarning, _is_py_dataset, _is_tf_dataset,
+                            check_positive_int)
 
 _original_fit = None
 _settings = {}
@@ -61,6 +62,10 @@ def autolog(disable=False, *, probe=None, probe_size=None, every=1, seed=0,
             keras.Model.fit = _original_fit
             _original_fit = None
         return
+    # refused here, not warned about inside fit (where a ProbeError means "cannot measure")
+    if probe_size is not None:
+        check_positive_int("probe_size", probe_size, ProbeError)
+    check_positive_int("every", every)
     _settings.clear()
     _settings.update(probe=probe, probe_size=probe_size, every=every, seed=seed,
                      bn_snapshots=bn_snapshots)

@@ -107,6 +107,13 @@ def test_infinite_pipeline_is_measured_on_one_draw_and_fit_reads_what_it_would(
     assert tags["gaptrack.probe_size"] == "32" and "gaptrack.probe_origin" not in tags
 
 
+@pytest.mark.parametrize("setting, error", [("probe_size", ProbeError), ("every", ValueError)])
+def test_a_bad_setting_is_refused_by_autolog_not_warned_about_in_fit(autologged, setting,
+                                                                     error):
+    with pytest.raises(error, match=f"{setting} must be a positive integer, got 0"):
+        gaptrack.autolog(**{setting: 0})
+
+
 def labels_from_an_iterator(x):
     """A pipeline whose map() draws labels from an iterator: no copy of it can
     be read without advancing that iterator for fit too."""
