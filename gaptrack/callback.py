@@ -197,6 +197,8 @@ class GapTracker(keras.callbacks.Callback):
             check_steps(self.probe, self.batch_size, (self.params or {}).get("steps"))
             self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
                                keys.BATCH_SIZE_TAG: str(self.batch_size)})
+            if self.probe.origin:
+                self._tags[keys.PROBE_ORIGIN_TAG] = self.probe.origin
         if self.mlflow:
             with self._guard("starting the MLflow run"):
                 from gaptrack import publish

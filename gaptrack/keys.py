@@ -58,6 +58,8 @@ VERSION_TAG = "gaptrack.version"
 DIAGNOSIS_TAG = "gaptrack.diagnosis"
 NONFINITE_TAG = "gaptrack.nonfinite_epoch"
 PROBE_SIZE_TAG = "gaptrack.probe_size"
+#: How the probe was drawn, when it is one draw of a pipeline (:attr:`gaptrack.probe.Probe.origin`).
+PROBE_ORIGIN_TAG = "gaptrack.probe_origin"
 BATCH_SIZE_TAG = "gaptrack.batch_size"
 REPLICAS_TAG = "gaptrack.replicas"
 WORST_LAYER_TAG = "gaptrack.bn_worst_layer"

@@ -28,8 +28,9 @@ Example:
 import math
 
 from gaptrack.diagnosis import diagnose, is_accuracy, standard_error
-from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PRECISE_BN, PROBE_SIZE_TAG,
-                           REPLICAS_TAG, RETURNED_TAG, WORST_LAYER_TAG, metric_key)
+from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PRECISE_BN, PROBE_ORIGIN_TAG,
+                           PROBE_SIZE_TAG, REPLICAS_TAG, RETURNED_TAG, WORST_LAYER_TAG,
+                           metric_key)
 from gaptrack.record import natural_order
 
 #: What each cause is, in the words of the sentence.
@@ -250,11 +251,16 @@ class Report:
 
     @property
     def context(self):
-        """Sentences that qualify the diagnosis (possibly none): BN layers that
-        are all frozen, so BN cannot explain a gap; replicas whose BN moving
-        statistics diverged (:func:`bn_spread_noise`)."""
+        """Sentences that qualify the diagnosis (possibly none): a probe that is
+        one draw of a pipeline; BN layers that are all frozen, so BN cannot
+        explain a gap; replicas whose BN moving statistics diverged
+        (:func:`bn_spread_noise`)."""
         record = self._record(self.evidence.epoch)
         out = []
+        origin = self.history.tags.get(PROBE_ORIGIN_TAG)
+        if origin:
+            out.append(f"The probe, the training samples evaluate() is measured on every epoch, "
+                       f"is {origin}.")
         noise = bn_spread_noise(self.evidence.probe_size, self.evidence.z)
         if record is not None and record.bn_spread is not None and record.bn_spread > noise:
             replicas = self.history.tags.get(REPLICAS_TAG, "several")

@@ -52,7 +52,17 @@ SCENARIOS = {
     "transfer": dict(params={"epochs": 2, "samples": 300, "steps_per_epoch": 3,
                              "probe_batches": 2, "pretrain_epochs": 1},
                      metrics=["accuracy"], val=False, bn_layers=2, bn_trains=True),
+    # seed 002 as its user wrote it: autolog draws the probe from the pipeline
+    "transfer_oversampled": dict(scenario="transfer",
+                                 params={"epochs": 2, "samples": 300, "steps_per_epoch": 3,
+                                         "pretrain_epochs": 1, "pipeline": "oversampled"},
+                                 metrics=["accuracy"], val=True, bn_layers=2, bn_trains=True),
 }
+
+
+def scenario_of(name):
+    """The scenario a ``SCENARIOS`` entry trains (an entry may be one form of it)."""
+    return SCENARIOS[name].get("scenario", name)
 
 
 class Store:
@@ -124,9 +134,9 @@ LAUNCHES = {
     "main": ("main", {"epochs": 1, "depth": 2, "samples": 120}),
     "sweep": ("sweep", {"scenario": "dropout", "grid": "dropout=0.2,0.6;batch_size=16",
                         "epochs": 1, "samples": 100}),
-    **{name: ("train", {"scenario": name, **SCENARIOS[name]["params"]})
-       for name in ("deep_mlp", "transfer", "toy_binary", "batchnorm", "dropout", "dense_l2",
-                    "softmax_only")},
+    **{name: ("train", {"scenario": scenario_of(name), **SCENARIOS[name]["params"]})
+       for name in ("deep_mlp", "transfer", "transfer_oversampled", "toy_binary", "batchnorm",
+                    "dropout", "dense_l2", "softmax_only")},
     "bad_epochs": ("train", {"scenario": "dense_l2", "epochs": "two"}),
 }
 #: The launch run as a user would (see ``Store``).
@@ -277,7 +287,7 @@ def _expected_training_data(name):
     if name == "toy_binary":
         return None
     x, y = ds.x_train[:params["samples"]], ds.y_train[:params["samples"]]
-    if name == "transfer":
+    if scenario_of(name) == "transfer":
         return x[1::2, ..., np.newaxis], (y[1::2] == 0).astype("float32")
     split = {"deep_mlp": 0.1}.get(name, 0.2)
     n = int(math.floor(len(x) * (1 - split)))
@@ -340,7 +350,7 @@ def test_train_logs_params_and_the_training_data(scenario_run, name):
     expected = _expected_training_data(name)
     n_train = 160 if expected is None else len(expected[0])
 
-    assert params["scenario"] == name
+    assert params["scenario"] == scenario_of(name)
     for key, value in spec["params"].items():
         assert params[key] == str(value), key
     assert params["probe_size"] == "10000" and params["seed"] == "0"  # declared defaults
@@ -361,8 +371,51 @@ def test_train_logs_params_and_the_training_data(scenario_run, name):
     assert training.dataset.digest == mlflow.data.from_numpy(x, targets=y).digest
     if name == "transfer":  # the probe: 2 batches of 32 of the pipeline
         assert params["probe_samples"] == "64"
+    elif name == "transfer_oversampled":  # drawn by autolog: steps_per_epoch batches of 32
+        assert params["probe_samples"] == "96"
     else:
         assert params["probe_samples"] == str(n_train)
+
+
+@reads("transfer_oversampled")
+def test_transfer_oversampled_is_seed_002_under_autolog(scenario_run, tmp_path):
+    """pipeline=oversampled: gaptrack.autolog() drew the probe, the pipeline's
+    first steps_per_epoch batches (the tag and the report say it is one draw),
+    validation is the test split, and the checkpoint ModelCheckpoint kept (the
+    epoch of the lowest val/loss) is logged: evaluate() of it, computed here,
+    is that epoch's val/loss and, on the pipeline's first 3 batches rebuilt
+    here, its eval_train/loss."""
+    import keras
+
+    from projects import transfer
+    from projects.params import parse
+
+    store, _, run = scenario_run("transfer_oversampled")
+    tags = run.data.tags
+    assert tags["gaptrack.probe_size"] == "96"
+    assert "one fixed draw of the training pipeline, its first 3 batches" in \
+        tags["gaptrack.probe_origin"]
+    report = (Path(store.client.download_artifacts(run.info.run_id, "gaptrack/report/report.md",
+                                                    str(tmp_path)))).read_text()
+    assert "The probe, the training samples evaluate() is measured on every epoch, is one " \
+        "fixed draw" in report
+    assert run.data.params["validation_samples"] == str(len(_digits().x_test))
+
+    config, _ = parse([(k, str(v)) for k, v in SCENARIOS["transfer_oversampled"]["params"].items()],
+                      transfer.PARAMS)
+    data = transfer.data(config)
+    keras.utils.set_random_seed(config["seed"])  # as the run did: its first pass
+    batches = list(transfer.stream(data, config).take(3).as_numpy_iterator())
+    probe = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    model = keras.saving.load_model(store.client.download_artifacts(
+        run.info.run_id, "checkpoint/best.keras", str(tmp_path)))
+    val = store.history(run.info.run_id, "val/loss")
+    best = min(val, key=val.get)
+    evaluate = model.evaluate(*probe, batch_size=32, verbose=0)[0]
+    assert store.history(run.info.run_id, "eval_train/loss")[best] == pytest.approx(evaluate,
+                                                                                    rel=RTOL)
+    assert val[best] == pytest.approx(model.evaluate(*data.validation, batch_size=32,
+                                                     verbose=0)[0], rel=RTOL)
 
 
 @reads("dense_l2")
