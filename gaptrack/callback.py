@@ -64,6 +64,7 @@ from gaptrack.decompose import decompose, summarize
 from gaptrack.distribute import replication
 from gaptrack.measurement import Measurer
 from gaptrack.fitparams import check_steps, guess_batch_size
+from gaptrack.labels import check_labels
 from gaptrack.probe import Probe, check_positive_int
 from gaptrack.record import EpochRecord
 from gaptrack.safety import Guard
@@ -181,6 +182,7 @@ class GapTracker(keras.callbacks.Callback):
             if self.batch_size is None:
                 self.batch_size = guess_batch_size(self.probe, (self.params or {}).get("steps"))
             check_steps(self.probe, self.batch_size, (self.params or {}).get("steps"))
+            check_labels(self.model, self.probe, self.batch_size, self.loss)  # before the run
             self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
                                keys.BATCH_SIZE_TAG: str(self.batch_size)})
         with self._guard("starting the MLflow run"):
