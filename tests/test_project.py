@@ -440,6 +440,31 @@ def test_toy_binary_reports_accuracy_before_the_update(scenario_run):
     assert f"iteration {steps[-1]}: train_on_batch accuracy" in proc.stdout
 
 
+def test_toy_binary_broadcast_accuracy_is_the_questions_call():
+    """The scenario's broadcast accuracy is the question's call, with model.predict,
+    on the scenario's model made right on every point: p² + (1 - p)² of numpy."""
+    import keras
+
+    from projects import toy_binary
+
+    config = {"seed": 0, "batch_size": 32, "learning_rate": 0.005, "iterations": 1}
+    data = toy_binary.data(config)
+    model = toy_binary.model(config, data)
+    first, last = model.layers[0], model.layers[-1]
+    first.set_weights([np.pad(np.ones((2, 1), "float32"), ((0, 0), (0, 11))),
+                       np.full(12, -30.0, "float32")])  # unit 0: relu(x0 + x1 - 30)
+    last.set_weights([np.pad(np.ones((1, 1), "float32"), ((0, 11), (0, 0))),
+                      np.array([-5.0], "float32")])
+    x, y = data.x[60:92], data.y[60:92]  # 20 zeros, then 12 ones
+    predictions = model.predict(x, verbose=0)
+    assert ((predictions[:, 0] > 0.5) == y).all()  # numpy: right on every point
+    question = keras.metrics.BinaryAccuracy()
+    question.update_state(np.expand_dims(y, axis=0), predictions)
+    p = np.mean(y)
+    assert toy_binary.broadcast_accuracy(model, x, y) == float(question.result()) == \
+        pytest.approx(p ** 2 + (1 - p) ** 2) == 0.53125
+
+
 @reads("toy_binary")
 def test_toy_binary_logs_the_question_accuracy_beside_the_true_one(scenario_run):
     """The question's own metric call, (1, 32) labels against (32, 1) predictions,
