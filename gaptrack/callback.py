@@ -182,7 +182,7 @@ class GapTracker(keras.callbacks.Callback):
             if self.batch_size is None:
                 self.batch_size = guess_batch_size(self.probe, (self.params or {}).get("steps"))
             check_steps(self.probe, self.batch_size, (self.params or {}).get("steps"))
-            check_labels(self.model, self.probe, self.batch_size, self.loss)  # before the run
+            check_labels(self.model, self.probe, self.loss)  # before the run
             self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
                                keys.BATCH_SIZE_TAG: str(self.batch_size)})
         with self._guard("starting the MLflow run"):

@@ -74,19 +74,20 @@ def comparison(label_shape, output_shape):
     return shape if int(np.prod(shape)) > int(np.prod(output_shape)) else None
 
 
-def check_labels(model, probe, batch_size, loss=None):
+def check_labels(model, probe, loss=None):
     """Raise :class:`LabelShapeError` when the probe's labels broadcast against
     the model's outputs into a larger comparison (see the module docstring).
 
     Args:
-        model: the compiled Keras model; built on the probe if it is not yet.
+        model: the compiled Keras model. One not built yet is not checked here
+            (building it would build its optimizer, outside a distribution
+            strategy's scope when called from a custom loop's tracker): the
+            :class:`gaptrack.measurement.Measurer` builds it, then checks.
         probe: the :class:`gaptrack.probe.Probe`.
-        batch_size: the training batch size (the model is built as ``fit`` builds it).
         loss: the loss given for a model compiled without one, if any.
     """
-    if _own_loss(model, loss):
+    if not model.built or _own_loss(model, loss):
         return
-    keras_private.ensure_built(model, next(probe.batches(batch_size)))
     x, _, _ = next(probe.batches(1))
     for name, labels, output in _pairs(model, probe.y, keras_private.inference_output(model, x)):
         label_shape = tuple(np.shape(labels))

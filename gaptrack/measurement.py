@@ -182,7 +182,7 @@ class Measurer:
             self._batching_matters = None
             self._checked = None
         if probe is not self._checked:  # before any number: labels that broadcast
-            check_labels(self.model, probe, self.batch_size, self.loss)
+            check_labels(self.model, probe, self.loss)
             self._checked = probe
         return compiled.compiled_passes(self.model, self.bn_layers, self.batch_size, layout,
                                         self.shards, self.loss)
