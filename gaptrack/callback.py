@@ -63,6 +63,7 @@ from gaptrack.decompose import add_measurement, summarize
 from gaptrack.distribute import replication
 from gaptrack.measurement import Measurer
 from gaptrack.fitparams import check_steps, guess_batch_size
+from gaptrack.labels import check_labels
 from gaptrack.probe import Probe, check_positive_int
 from gaptrack.record import EpochRecord, RunHistory
 from gaptrack.safety import Guard
@@ -195,6 +196,7 @@ class GapTracker(keras.callbacks.Callback):
             if self.batch_size is None:
                 self.batch_size = guess_batch_size(self.probe, (self.params or {}).get("steps"))
             check_steps(self.probe, self.batch_size, (self.params or {}).get("steps"))
+            check_labels(self.model, self.probe, self.loss)  # before the run
             self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
                                keys.BATCH_SIZE_TAG: str(self.batch_size)})
             if self.probe.origin:

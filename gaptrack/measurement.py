@@ -43,6 +43,7 @@ from gaptrack import keras_private
 from gaptrack import passes as compiled
 from gaptrack.bn import BNStatistics, find_bn_layers
 from gaptrack.distribute import bn_spread, replication
+from gaptrack.labels import check_labels
 from gaptrack.probe import Probe, check_positive_int
 
 #: Largest batch used for the inference passes.
@@ -188,6 +189,8 @@ class Measurer:
         #: for the layout it was found for.
         self._batching_matters = None
         self._layout = None
+        #: The probe whose labels were checked against the outputs (:mod:`gaptrack.labels`).
+        self._checked = None
 
     def _compiled(self, probe):
         """The model's compiled passes (:func:`gaptrack.passes.compiled_passes`),
@@ -198,6 +201,10 @@ class Measurer:
         if layout != self._layout:
             self._layout = layout
             self._batching_matters = None
+            self._checked = None
+        if probe is not self._checked:  # before any number: labels that broadcast
+            check_labels(self.model, probe, self.loss)
+            self._checked = probe
         return compiled.compiled_passes(self.model, self.bn_layers, self.batch_size, layout,
                                         self.shards, self.loss)
 

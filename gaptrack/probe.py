@@ -67,14 +67,36 @@ def _unpack(element):
     )
 
 
-def _num_samples(structure):
-    leaves = [a for a in _tree().flatten(structure) if a is not None]
+def _num_samples(batch):
+    """The number of samples (rows) of ``(x, y, sample_weight)``, the same for every array."""
+    leaves = [a for a in _tree().flatten(batch) if a is not None]
     if not leaves:
         raise ProbeError("probe data has no arrays")
     sizes = {int(np.shape(a)[0]) for a in leaves}
     if len(sizes) != 1:
-        raise ProbeError(f"probe arrays have different numbers of samples: {sorted(sizes)}")
+        shapes = ", ".join(f"{name} of shape {np.shape(a)}"
+                           for name, part in zip(("x", "y", "sample_weight"), batch)
+                           for a in _tree().flatten(part) if a is not None)
+        raise ProbeError(f"probe arrays have different numbers of samples: {sorted(sizes)} "
+                         f"({shapes}); each needs one row per sample"
+                         + _labels_in_a_row(batch))
     return sizes.pop()
+
+
+def _labels_in_a_row(batch):
+    """What labels of shape ``(1, n)`` for ``n`` samples of ``x`` would do (the
+    question's ``np.expand_dims(y, 0)``), or ''."""
+    x_sizes = {int(np.shape(a)[0]) for a in _tree().flatten(batch[0]) if a is not None}
+    n = x_sizes.pop() if len(x_sizes) == 1 else 0
+    row = next((np.shape(a) for a in _tree().flatten(batch[1]) if a is not None
+                and np.ndim(a) >= 2 and np.shape(a)[0] == 1 and np.size(a) == n > 1), None)
+    if row is None:
+        return ""
+    return (f". y of shape {row} holds the {n} labels in one row, as np.expand_dims(y, 0) "
+            f"makes it: against one output per sample, shape ({n}, 1), it would broadcast "
+            f"into a {n} × {n} comparison, every output against every label (a model right "
+            "on every sample would score p² + (1 - p)², p the share of ones). Accepted: y "
+            f"of shape ({n},) or ({n}, 1), e.g. np.reshape(y, ({n}, 1))")
 
 
 def _rows(structure, index):

@@ -47,8 +47,10 @@ SCENARIOS = {
                     metrics=["accuracy"], val=True, bn_layers=0),
     "softmax_only": dict(params={"epochs": 2, "samples": 200}, metrics=["accuracy"],
                          val=True, bn_layers=0, causes={"drift", "none"}),
-    "toy_binary": dict(params={"iterations": 4}, metrics=["binary_accuracy"], val=False,
-                       bn_layers=0, causes={"drift", "none"}),
+    # at learning rate 0.1 the model is right on its whole batch from iteration 24 (seed 0)
+    "toy_binary": dict(params={"iterations": 26, "learning_rate": 0.1},
+                       metrics=["binary_accuracy"], val=False, bn_layers=0,
+                       causes={"drift", "none"}),
     "transfer": dict(params={"epochs": 2, "samples": 300, "steps_per_epoch": 3,
                              "probe_batches": 2, "pretrain_epochs": 1},
                      metrics=["accuracy"], val=False, bn_layers=2, bn_trains=True),
@@ -478,16 +480,90 @@ def test_toy_binary_reports_accuracy_before_the_update(scenario_run):
     is on that batch."""
     store, proc, run = scenario_run("toy_binary")
     rid = run.info.run_id
+    steps = range(SCENARIOS["toy_binary"]["params"]["iterations"])
     reported = store.history(rid, "fit/binary_accuracy")
     before = store.history(rid, "fit/binary_accuracy_before")
     loss, loss_before = store.history(rid, "fit/loss"), store.history(rid, "fit/loss_before")
-    assert set(store.history(rid, "fit/binary_accuracy_after")) == set(range(4))
-    for step in range(4):
+    assert set(store.history(rid, "fit/binary_accuracy_after")) == set(steps)
+    for step in steps:
         assert reported[step] == before[step]
         assert loss[step] == pytest.approx(loss_before[step], rel=RTOL)
         # a multiple of 1/32: accuracy on one batch of 32 points
         assert reported[step] * 32 == pytest.approx(round(reported[step] * 32), abs=1e-4)
-    assert "iteration 3: train_on_batch accuracy" in proc.stdout
+    assert f"iteration {steps[-1]}: train_on_batch accuracy" in proc.stdout
+
+
+def test_toy_binary_broadcast_accuracy_is_the_questions_call():
+    """The scenario's broadcast accuracy is the question's call, with model.predict,
+    on the scenario's model made right on every point: p² + (1 - p)² of numpy."""
+    import keras
+
+    from projects import toy_binary
+
+    config = {"seed": 0, "batch_size": 32, "learning_rate": 0.005, "iterations": 1}
+    data = toy_binary.data(config)
+    model = toy_binary.model(config, data)
+    first, last = model.layers[0], model.layers[-1]
+    first.set_weights([np.pad(np.ones((2, 1), "float32"), ((0, 0), (0, 11))),
+                       np.full(12, -30.0, "float32")])  # unit 0: relu(x0 + x1 - 30)
+    last.set_weights([np.pad(np.ones((1, 1), "float32"), ((0, 11), (0, 0))),
+                      np.array([-5.0], "float32")])
+    x, y = data.x[60:92], data.y[60:92]  # 20 zeros, then 12 ones
+    predictions = model.predict(x, verbose=0)
+    assert ((predictions[:, 0] > 0.5) == y).all()  # numpy: right on every point
+    question = keras.metrics.BinaryAccuracy()
+    question.update_state(np.expand_dims(y, axis=0), predictions)
+    p = np.mean(y)
+    assert toy_binary.broadcast_accuracy(model, x, y) == float(question.result()) == \
+        pytest.approx(p ** 2 + (1 - p) ** 2) == 0.53125
+
+
+@reads("toy_binary")
+def test_toy_binary_logs_the_question_accuracy_beside_the_true_one(scenario_run):
+    """The question's own metric call, (1, 32) labels against (32, 1) predictions,
+    is logged beside the true accuracy. Replayed here (same seed, same batches,
+    the predictions before and after each step), both equal numpy's; where the
+    model is right on its whole batch the question's value is p² + (1 - p)² of the
+    batch's labels and the true one 1, and where it is also right on all 160
+    points (the clusters separated) the drift is 0."""
+    import keras
+
+    from projects import toy_binary
+
+    store, proc, run = scenario_run("toy_binary")
+    rid = run.info.run_id
+    params = SCENARIOS["toy_binary"]["params"]
+    config = {"seed": 0, "batch_size": 32, **params}
+    data = toy_binary.data(config)
+    keras.utils.set_random_seed(0)
+    model = toy_binary.model(config, data)
+    rng = np.random.default_rng(0)
+    logged = {f"{kind}_{when}": store.history(rid, f"fit/{kind}_{when}")
+              for kind in ("binary_accuracy", "broadcast_accuracy") for when in ("before", "after")}
+    fit, evaluate = store.history(rid, "fit/binary_accuracy"), \
+        store.history(rid, "eval_train/binary_accuracy")
+    drift = store.history(rid, "gap/binary_accuracy/drift")
+    perfect, separated = [], []
+    for step in range(params["iterations"]):
+        index = rng.integers(0, len(data.x), 32)  # the scenario's batch
+        x, y = data.x[index], data.y[index]
+        for when in ("before", "after"):
+            if when == "after":
+                model.train_on_batch(x, y)
+            right = model.predict_on_batch(x)[:, 0] > 0.5
+            true, question = logged[f"binary_accuracy_{when}"], logged[f"broadcast_accuracy_{when}"]
+            assert true[step] == pytest.approx(np.mean(right == y)), (step, when)
+            assert question[step] == pytest.approx(np.mean(right[:, None] == y[None, :]))
+            if (right == y).all():
+                p = np.mean(y)
+                assert true[step] == 1.0
+                assert question[step] == pytest.approx(p ** 2 + (1 - p) ** 2, abs=1e-7)
+                perfect.append((step, when, int(y.sum()), question[step]))
+        if fit[step] == 1.0 and evaluate[step] == 1.0:
+            assert drift[step] == 0.0
+            separated.append(step)
+    assert len(perfect) >= 2 and separated, (perfect, separated)
+    assert "p² + (1 - p)²" in proc.stdout and "Which is which" in proc.stdout
 
 
 # -- main and sweep: grids as nested runs, ranked ---------------------------------
