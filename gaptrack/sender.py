@@ -40,15 +40,18 @@ the server answers again, after how long.
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import posixpath
 import queue
 import re
+import tempfile
 import threading
 import time
 import warnings
+from pathlib import Path
 
 from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -121,10 +124,14 @@ class Sender:
     docstring). ``run_id`` and ``run_name`` are known once :meth:`ensure_run`
     returned (``run_id`` before, when the spool names a run to join)."""
 
-    def __init__(self, spool, tracking_uri):
+    def __init__(self, spool, meta, tracking_uri, disk_error=None):
         self.spool = spool
+        self.meta = meta
         self.tracking_uri = tracking_uri
-        self.run_id = spool.read_meta().get("run_id")
+        #: What a refusal of the disk becomes (the run id or an ack not written):
+        #: raised (``None``), or passed to this function, the sending goes on.
+        self.disk_error = disk_error
+        self.run_id = meta.get("run_id")
         self.run_name = None
         self._store = None
         self._artifacts = None
@@ -148,7 +155,7 @@ class Sender:
             return
         store = self._client()
         if self.run_id is None:
-            meta = self.spool.read_meta()
+            meta = self.meta
             experiment_id = meta.get("experiment_id") or self._experiment(meta["experiment_name"])
             tags = meta.get("run_tags") or {}
             start = meta.get("start_time") or int(time.time() * 1000)
@@ -156,8 +163,8 @@ class Sender:
                                    start_time=start,
                                    tags=[RunTag(k, v) for k, v in tags.items()],
                                    run_name=meta.get("run_name"))
-            meta["run_id"] = run.info.run_id
-            self.spool.write_meta(meta)
+            self.run_id = meta["run_id"] = run.info.run_id  # a retry creates no other run
+            self.write(self.spool.write_meta, meta)
         else:
             run = store.get_run(self.run_id)
         self.run_id, self.run_name = run.info.run_id, run.info.run_name
@@ -182,9 +189,9 @@ class Sender:
             directory = op.get("dir")
             if directory is not None and safe_relative(directory) is None:
                 raise SyncError(f"artifact directory {directory!r} is not a relative path")
-            self._upload(self.spool.file(op["path"]), directory)
+            self._upload(self._content(op), posixpath.basename(op["path"]), directory)
         elif kind == "image":
-            self._send_image(self.spool.file(op["path"]))
+            self._send_image(self._content(op), posixpath.basename(op["path"]))
         elif kind == "description":
             tags = store.get_run(self.run_id).data.tags
             # only a note that is empty or that gaptrack wrote is replaced
@@ -193,48 +200,71 @@ class Sender:
                 self._set_tags({MLFLOW_RUN_NOTE: op["text"],
                                 DESCRIPTION_TAG: _digest(op["text"])})
         elif kind == "end":
+            if op["status"] is None:
+                return  # a joined run: its owner ends it
             store.update_run_info(self.run_id, RunStatus.from_string(op["status"]),
                                   end_time=op["end_time"], run_name=None)
         else:
             raise SyncError(f"unknown operation {kind!r} in {self.spool.dir}")
 
+    def write(self, method, *args):
+        """``method(*args)``, a write to the spool: a refusal of the disk is
+        raised, or given to :attr:`disk_error`."""
+        try:
+            method(*args)
+        except OSError as exc:
+            if self.disk_error is None:
+                raise
+            self.disk_error(exc)
+
+    def _content(self, op):
+        """The bytes of a file operation kept in memory, else its spooled file."""
+        data = op.get("data")
+        return data if isinstance(data, bytes) else self.spool.file(op["path"])
+
     def _set_tags(self, tags):
         self._client().log_batch(self.run_id, metrics=[], params=[],
                                  tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def _send_image(self, png):
+    def _send_image(self, png, name):
         """As ``MlflowClient.log_image(..., key=, step=)``: the PNG and a preview
         at most 256 pixels wide under ``images/``, and the run's images tag (once:
         MLflow sets it with every image, a request an epoch for nothing new)."""
         from mlflow.tracking.multimedia import compress_image_size
         from PIL import Image
 
-        preview = png.with_name(png.name[:-len(".png")] + "+compressed.webp")
-        with Image.open(png) as image:
-            compress_image_size(image).save(preview)
-        self._upload(png, "images")
-        self._upload(preview, "images")
+        preview = io.BytesIO()
+        with Image.open(io.BytesIO(png) if isinstance(png, bytes) else png) as image:
+            compress_image_size(image).save(preview, format="webp")
+        self._upload(png, name, "images")
+        self._upload(preview.getvalue(), name[:-len(".png")] + "+compressed.webp", "images")
         if not self._images_tagged:
             self._set_tags({MLFLOW_LOGGED_IMAGES: "True"})
             self._images_tagged = True
 
-    def _upload(self, local, directory):
+    def _upload(self, source, name, directory):
+        """Upload ``source`` (a spooled file, or bytes) as ``directory/name``."""
         if not isinstance(self._artifacts, HttpArtifactRepository):
-            self._artifacts.log_artifact(str(local), directory)
+            if isinstance(source, Path):
+                self._artifacts.log_artifact(str(source), directory)
+                return
+            with tempfile.TemporaryDirectory(prefix="gaptrack-") as tmp:
+                local = Path(tmp, name)
+                local.write_bytes(source)
+                self._artifacts.log_artifact(str(local), directory)
             return
         # MLflow's own upload (HttpArtifactRepository.log_artifact), bounded
-        name = os.path.basename(local)
         endpoint = posixpath.join("/", *([directory] if directory else []), name)
-        with open(local, "rb") as f:
-            response = http_request(self._artifacts._host_creds, endpoint, "PUT", data=f,
-                                    extra_headers={"Content-Type": _guess_mime_type(name)},
-                                    max_retries=0, timeout=REQUEST_TIMEOUT)
+        data = source.read_bytes() if isinstance(source, Path) else source
+        response = http_request(self._artifacts._host_creds, endpoint, "PUT", data=data,
+                                extra_headers={"Content-Type": _guess_mime_type(name)},
+                                max_retries=0, timeout=REQUEST_TIMEOUT)
         augmented_raise_for_status(response)
 
 
-def _warn(message):
-    """A :class:`TrackingWarning` from the sender thread; when warnings are
-    turned into errors, a log line instead (the thread carries on)."""
+def warn_tracking(message):
+    """A :class:`TrackingWarning`, from any thread; when warnings are turned
+    into errors, a log line instead (the thread carries on)."""
     try:
         warnings.warn(message, TrackingWarning, stacklevel=3)
     except Exception:  # noqa: BLE001 - a warnings filter set to "error"
@@ -254,9 +284,9 @@ class BackgroundSender:
     exists on the server.
     """
 
-    def __init__(self, spool, tracking_uri):
-        self.sender = Sender(spool, tracking_uri)
-        self.sent = spool.acked()
+    def __init__(self, spool, meta, tracking_uri, disk_error):
+        self.sender = Sender(spool, meta, tracking_uri, disk_error)
+        self.sent = -1
         self.fatal = None
         self.run_ready = False
         self.stopped = False
@@ -297,7 +327,7 @@ class BackgroundSender:
                 if (op is None or self._stop.is_set()
                         or not self._deliver(functools.partial(self.sender.send, op))):
                     return
-                self.sender.spool.ack(op["seq"])
+                self.sender.write(self.sender.spool.ack, op["seq"])
                 self._update(sent=op["seq"])
         finally:
             self.sender.spool.unlock()
@@ -322,7 +352,7 @@ class BackgroundSender:
                     self._outage_start = time.monotonic()
                     then = ("the rest waits in the spool for `gaptrack sync`" if permanent
                             else "kept and retried in the background")
-                    _warn(f"gaptrack could not log to MLflow at "
+                    warn_tracking(f"gaptrack could not log to MLflow at "
                           f"{redact_uri(self.sender.tracking_uri)} ({text}); "
                           f"{self._queue.qsize() + 1} item(s) {then}")
                 if permanent:
