@@ -87,19 +87,20 @@ class Outbox:
             return 0
         unsent = [op for seq, _, op in self._memory if seq > sent]
         self._memory = []
-        written = 0
         try:  # the run's id too, if the disk refused it
             (self.spool.dir / "files").mkdir(parents=True, exist_ok=True)
             self.spool.write_meta(self.spool.meta)
-            for op in unsent:
+        except OSError:
+            pass
+        missing = 0
+        for op in unsent:  # each on its own: a record may fit where a file does not
+            try:
                 if "data" in op:
                     self.spool.write_file(op["path"], op["data"])
                 self.spool.append({k: v for k, v in op.items() if k != "data"})
-                written += 1
-        except OSError:
-            pass
-        self.lost.extend(unsent[written:])
-        missing = len(unsent) - written
+            except OSError:
+                self.lost.append(op)
+                missing += 1
         self.lost.sort(key=lambda op: op["seq"])
         where = f"run {run_id}" if run_id else "the run (not created)"
         if not self.lost:

@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import warnings
+import time
 from pathlib import Path
 
 import keras
@@ -112,3 +112,106 @@ def test_sync_sends_exactly_the_whole_records_of_a_spool_cut_at_every_byte(
         ops, torn = decode(whole[:offset])
         assert ops == [op for op, end in zip(OPS, ends) if end <= offset]
         assert (torn is None) == (offset in (0, len(MAGIC), *ends)), offset
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 kB tmpfs (the tests run as root), unmounted at the end."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs was refused: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _disk_warnings(seen, spool_dir):
+    """The warnings about the spool's disk: ``(refused, end)``."""
+    refused = [text for _, category, text in seen if category is TrackingWarning
+               and text.startswith(f"gaptrack cannot write to its spool {spool_dir}")]
+    end = [text for _, category, text in seen if category is TrackingWarning
+           and ("could not keep" in text or "nothing of" in text)]
+    return refused, end
+
+
+def test_a_disk_that_fills_during_training_costs_fit_nothing_and_train_end_says_what_is_lost(
+        small_disk, tmp_path, fast_store, monkeypatch):
+    """The spool on a 256 kB tmpfs, 200 kB of it taken, that fills during a
+    4-epoch training, the server unreachable: fit() returns (every tracker
+    failure would raise under the test suite), one warning names the spool and
+    the error, one at train end lists what could not be kept; the spool, copied
+    to a disk with room and synced, holds exactly the rest: every epoch's
+    metrics and BN table are on the run or in that list."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GAPTRACK_SPOOL_DIR", str(small_disk))
+    (small_disk / "other").write_bytes(b"x" * 200 * 1024)
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
+    try:
+        keras.utils.set_random_seed(0)
+        x, y = blobs(48)
+        tracker = gaptrack.GapTracker((x, y), batch_size=16, close_timeout=1.0)
+        epoch_ends = []
+        clock = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: epoch_ends.append(time.monotonic()))
+        with timed_warnings() as seen:
+            history = mlp(bn=True).fit(x, y, batch_size=16, epochs=4, verbose=0,
+                                       callbacks=[tracker, clock])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(history.history["loss"]) == 4
+    spool = tracker.logger.spool.dir
+    [refused], [end] = _disk_warnings(seen, spool)
+    refused_at = [t for t, _, text in seen if text == refused]
+    assert "No space left on device" in refused and "kept in memory (at most 64 MiB" in refused
+    steps = re.search(r"metrics at step\(s\) ([\d, ]+)", end)
+    lost = {int(s) for s in steps.group(1).split(", ")} if steps else set()
+    assert re.search(r"\d+ file\(s\): ", end)  # the report's files, at least
+    lost_tables = {int(e) for e in re.findall(r"bn_snapshots/epoch_(\d+)\.parquet", end)}
+    assert not list(spool.rglob("*.tmp"))  # no half-written file
+    copy = tmp_path / "copy"
+    shutil.copytree(spool, copy)
+    store = fast_store
+    [(_, run_id, sent, error)] = sync(copy, tracking_uri=store)
+    assert error is None and sent > 0
+    client = MlflowClient(store)
+    points = client.get_metric_history(run_id, "fit/loss")
+    kept = [p.step for p in points]
+    assert sorted(set(kept) | lost) == list(range(4)) and not set(kept) & lost, (kept, lost)
+    assert refused_at[0] < epoch_ends[-1]  # the disk filled during the training
+    assert [p.value for p in points] == [history.history["loss"][s] for s in kept]
+    assert [p.step for p in client.get_metric_history(run_id, "gap/loss")] == kept
+    tables = gaptrack.load_bn_snapshots(run_id, tracking_uri=store)
+    epochs = set(tables.epoch.unique())
+    assert sorted(epochs | lost_tables) == list(range(4)) and not epochs & lost_tables
+    status = client.get_run(run_id).info.status
+    assert status == ("RUNNING" if "the run's end" in end else "FINISHED")
+
+
+def test_a_read_only_disk_costs_nothing_while_the_server_answers(small_disk, server_uri,
+                                                                  monkeypatch):
+    """The spool's disk is read-only from the start: one warning, every
+    operation sent from memory, nothing lost (said at train end), nothing written."""
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    monkeypatch.setenv("GAPTRACK_SPOOL_DIR", str(small_disk / "spool"))
+    keras.utils.set_random_seed(0)
+    x, y = blobs(48)
+    tracker = gaptrack.GapTracker((x, y), batch_size=16)
+    with timed_warnings() as seen:
+        history = mlp(bn=True).fit(x, y, batch_size=16, epochs=3, verbose=0,
+                                   callbacks=[tracker])
+    [refused], [end] = _disk_warnings(seen, tracker.logger.spool.dir)
+    assert "Read-only file system" in refused
+    assert end.startswith(f"gaptrack: nothing of run {tracker.run_id} was lost"), end
+    assert [text for _, category, text in seen if category is TrackingWarning] == [refused, end]
+    assert not any(small_disk.iterdir())
+    client = MlflowClient(server_uri)
+    points = client.get_metric_history(tracker.run_id, "fit/loss")
+    assert [(p.step, p.value) for p in points] == list(enumerate(history.history["loss"]))
+    tables = gaptrack.load_bn_snapshots(tracker.run_id, tracking_uri=server_uri)
+    assert sorted(tables.epoch.unique()) == [0, 1, 2]
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["gaptrack.probe_size"] == "48"
+    images = [f.path for f in client.list_artifacts(tracker.run_id, "images")]
+    assert len(images) == 3 * 2 * 2  # per epoch two images, each with its preview
