@@ -6,15 +6,14 @@ epoch's metrics are one ``log_batch`` (a request per 1000 points, MLflow's
 limit), tags one ``log_batch``, a file one upload, a step image two uploads (the
 PNG and the preview MLflow's UI shows; a sender's first image also sets the
 run's images tag), the run's description a read and a write, the end of the run
-one update. Against an HTTP(S) tracking server
-each request is given at most :data:`REQUEST_TIMEOUT` seconds and is not retried
-by MLflow: the sender has its own REST store and uploads files itself, with
-MLflow's HTTP retries off (by default MLflow tries a request 8 times, minutes
-apart, each for up to 120 s: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
-``MLFLOW_HTTP_REQUEST_TIMEOUT``). The environment is left alone, so the user's
-own MLflow calls keep MLflow's settings. SQLite and file stores are local;
-other stores (``databricks``, cloud artifact stores) keep their own clients'
-policies.
+one update. Against an HTTP(S) tracking server each request is given at most
+:data:`REQUEST_TIMEOUT` seconds and is not retried by MLflow: the sender has its
+own REST store and uploads files itself, with MLflow's HTTP retries off (by
+default MLflow tries a request 8 times, minutes apart, each for up to 120 s:
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``). The
+environment is left alone, so the user's own MLflow calls keep MLflow's
+settings. SQLite and file stores are local; other stores (``databricks``, cloud
+artifact stores) keep their own clients' policies.
 
 **Retries.** :class:`BackgroundSender`, the training's sender thread, is the only
 place that retries: the same operation again, in order, after 0.5, 1 and 2 s,
@@ -28,7 +27,8 @@ server answered it, and each is idempotent: a metric point's timestamp is fixed
 when it is spooled (MLflow ignores a point identical to one it has), tags
 overwrite themselves with the same value, a file or image is uploaded under a
 name fixed when it is spooled and replaces itself, and the run is created once
-(its id is written to the spool's ``meta.json`` before anything else is sent).
+(its id is written to the spool's ``meta.json`` before anything else is sent;
+on a disk that refuses, it is kept in memory, see :mod:`gaptrack.outbox`).
 
 **What the user sees.** The first failed request of an outage is a
 :class:`TrackingWarning`, issued by the sender thread as soon as the request
@@ -43,10 +43,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
 import queue
-import re
 import tempfile
 import threading
 import time
@@ -73,8 +71,6 @@ from gaptrack.uris import describe_failure, redact_uri
 REQUEST_TIMEOUT = 10.0
 #: Seconds between tries of an operation that failed (the last one repeats).
 BACKOFF = (0.5, 1.0, 2.0, 5.0)
-#: What MLflow accepts as an image key (``MlflowClient.log_image``).
-IMAGE_KEY = re.compile(r"^[a-zA-Z0-9_\-./ ]+$")
 
 _logger = logging.getLogger(__name__)
 
@@ -103,20 +99,10 @@ class _BoundedRestStore(RestStore):
         return proto
 
 
-def step_image_name(key, step, timestamp, unique):
-    """The file name ``MlflowClient.log_image(run_id, image, key=key, step=step)``
-    gives a step image under ``images/`` (the UI's image charts parse it back)."""
-    return f"{key.replace('/', '~')}+step+{step}+timestamp+{timestamp}+{unique}.png"
-
-
 def _digest(text):
     """A short fingerprint of a description gaptrack wrote, kept as a tag so that
     a later write can tell its own description from one the user wrote."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
 
 
 class Sender:
@@ -128,8 +114,7 @@ class Sender:
         self.spool = spool
         self.meta = meta
         self.tracking_uri = tracking_uri
-        #: What a refusal of the disk becomes (the run id or an ack not written):
-        #: raised (``None``), or passed to this function, the sending goes on.
+        #: A refusal of the disk (the run id, an ack): raised, or given to this.
         self.disk_error = disk_error
         self.run_id = meta.get("run_id")
         self.run_name = None
@@ -181,7 +166,8 @@ class Sender:
         store, kind = self._client(), op["type"]
         if kind == "metrics":
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
-            for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+            for i in range(0, max(len(metrics), 1), MAX_METRICS_PER_BATCH):
+                chunk = metrics[i:i + MAX_METRICS_PER_BATCH]
                 store.log_batch(self.run_id, metrics=chunk, params=[], tags=[])
         elif kind == "tags":
             self._set_tags(op["tags"])
@@ -200,16 +186,14 @@ class Sender:
                 self._set_tags({MLFLOW_RUN_NOTE: op["text"],
                                 DESCRIPTION_TAG: _digest(op["text"])})
         elif kind == "end":
-            if op["status"] is None:
-                return  # a joined run: its owner ends it
-            store.update_run_info(self.run_id, RunStatus.from_string(op["status"]),
-                                  end_time=op["end_time"], run_name=None)
+            if op["status"] is not None:  # None: a joined run, which its owner ends
+                store.update_run_info(self.run_id, RunStatus.from_string(op["status"]),
+                                      end_time=op["end_time"], run_name=None)
         else:
             raise SyncError(f"unknown operation {kind!r} in {self.spool.dir}")
 
     def write(self, method, *args):
-        """``method(*args)``, a write to the spool: a refusal of the disk is
-        raised, or given to :attr:`disk_error`."""
+        """``method(*args)``, a write to the spool (see :attr:`disk_error`)."""
         try:
             method(*args)
         except OSError as exc:
@@ -244,22 +228,20 @@ class Sender:
 
     def _upload(self, source, name, directory):
         """Upload ``source`` (a spooled file, or bytes) as ``directory/name``."""
-        if not isinstance(self._artifacts, HttpArtifactRepository):
-            if isinstance(source, Path):
-                self._artifacts.log_artifact(str(source), directory)
-                return
+        if isinstance(self._artifacts, HttpArtifactRepository):
+            # MLflow's own upload (HttpArtifactRepository.log_artifact), bounded
+            endpoint = posixpath.join("/", *([directory] if directory else []), name)
+            data = source.read_bytes() if isinstance(source, Path) else source
+            augmented_raise_for_status(http_request(
+                self._artifacts._host_creds, endpoint, "PUT", data=data,
+                extra_headers={"Content-Type": _guess_mime_type(name)}, max_retries=0,
+                timeout=REQUEST_TIMEOUT))
+        elif isinstance(source, Path):
+            self._artifacts.log_artifact(str(source), directory)
+        else:
             with tempfile.TemporaryDirectory(prefix="gaptrack-") as tmp:
-                local = Path(tmp, name)
-                local.write_bytes(source)
-                self._artifacts.log_artifact(str(local), directory)
-            return
-        # MLflow's own upload (HttpArtifactRepository.log_artifact), bounded
-        endpoint = posixpath.join("/", *([directory] if directory else []), name)
-        data = source.read_bytes() if isinstance(source, Path) else source
-        response = http_request(self._artifacts._host_creds, endpoint, "PUT", data=data,
-                                extra_headers={"Content-Type": _guess_mime_type(name)},
-                                max_retries=0, timeout=REQUEST_TIMEOUT)
-        augmented_raise_for_status(response)
+                Path(tmp, name).write_bytes(source)
+                self._artifacts.log_artifact(str(Path(tmp, name)), directory)
 
 
 def warn_tracking(message):

@@ -26,6 +26,7 @@ This module knows MLflow and pandas, not Keras.
 
 import bisect
 import os
+import re
 import socket
 import threading
 import time
@@ -33,7 +34,7 @@ import uuid
 import warnings
 
 from gaptrack.outbox import Outbox
-from gaptrack.sender import IMAGE_KEY, BackgroundSender, TrackingWarning, step_image_name
+from gaptrack.sender import BackgroundSender, TrackingWarning
 from gaptrack.spool import Spool, safe_relative, spool_root
 from gaptrack.uris import check_tracking_uri, redact_uri
 
@@ -41,6 +42,8 @@ __all__ = ["DEFAULT_CLOSE_TIMEOUT", "RunLogger", "TrackingWarning"]
 
 #: Seconds :meth:`RunLogger.close` waits for the server at train end, by default.
 DEFAULT_CLOSE_TIMEOUT = 30.0
+#: What MLflow accepts as an image key (``MlflowClient.log_image``).
+IMAGE_KEY = re.compile(r"^[a-zA-Z0-9_\-./ ]+$")
 
 
 def _now_ms():
@@ -228,6 +231,12 @@ def _run_tags():
     from mlflow.tracking.context.registry import resolve_tags
 
     return {k: str(v) for k, v in resolve_tags().items()}
+
+
+def step_image_name(key, step, timestamp, unique):
+    """The file name ``MlflowClient.log_image(run_id, image, key=key, step=step)``
+    gives a step image under ``images/`` (the UI's image charts parse it back)."""
+    return f"{key.replace('/', '~')}+step+{step}+timestamp+{timestamp}+{unique}.png"
 
 
 def _split_artifact_path(path):

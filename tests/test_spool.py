@@ -2,7 +2,7 @@
 whole records of a spool cut at any byte; a full or read-only disk during a
 real training costs fit() nothing, and train end says exactly what was lost."""
 
-import contextlib
+import json
 import logging
 import os
 import re
@@ -215,3 +215,39 @@ def test_a_read_only_disk_costs_nothing_while_the_server_answers(small_disk, ser
     assert run.info.status == "FINISHED" and run.data.tags["gaptrack.probe_size"] == "48"
     images = [f.path for f in client.list_artifacts(tracker.run_id, "images")]
     assert len(images) == 3 * 2 * 2  # per epoch two images, each with its preview
+
+
+def test_memory_holds_operations_up_to_its_bound_and_train_end_lists_the_rest(
+        tmp_path, monkeypatch):
+    """The spool's directory cannot be made (its parent is a file) and the
+    server is unreachable: operations are kept in memory while they fit in the
+    bound (their JSON sizes, counted here), the others are not kept; train end
+    lists every step, none twice, and the spool is never written."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("GAPTRACK_SPOOL_DIR", str(blocker / "spool"))
+    monkeypatch.setattr(outbox, "MEMORY_BOUND", 2000)
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
+    metrics = {f"gap/m{i}": 0.5 for i in range(6)}
+    steps = range(10, 30)
+    sizes = [len(json.dumps({"seq": seq, "type": "metrics", "metrics": [
+        [k, v, 1_700_000_000_000, step] for k, v in metrics.items()]}))
+        for seq, step in enumerate(steps)]
+    fits = max(n for n in range(len(sizes) + 1) if sum(sizes[:n]) <= 2000)
+    assert 0 < fits < len(steps)
+    try:
+        with timed_warnings() as seen:
+            logger = RunLogger(close_timeout=0.5)
+            for step in steps:
+                logger.log_metrics(metrics, step)
+            assert logger.pending == fits
+            assert not logger.close()
+    finally:
+        mlflow.set_tracking_uri(None)
+    [refused], [end] = _disk_warnings(seen, logger.spool.dir)
+    assert "NotADirectoryError" in refused
+    assert end.startswith(f"gaptrack could not keep {len(steps) + 1} operation(s) of the run "
+                          "(not created)"), end
+    assert end.endswith(f"metrics at step(s) {', '.join(map(str, steps))}; the run's end")
+    assert [text for _, c, text in seen if c is TrackingWarning and "gaptrack sync" in text] == []
+    assert blocker.read_text() == ""
