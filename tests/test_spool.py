@@ -251,3 +251,23 @@ def test_memory_holds_operations_up_to_its_bound_and_train_end_lists_the_rest(
     assert end.endswith(f"metrics at step(s) {', '.join(map(str, steps))}; the run's end")
     assert [text for _, c, text in seen if c is TrackingWarning and "gaptrack sync" in text] == []
     assert blocker.read_text() == ""
+
+
+def test_a_spool_of_the_line_format_before_records_is_still_read(tmp_path, fast_store, caplog):
+    """An ``ops.jsonl`` spool whose disk filled mid-line, then took more lines
+    (what the issue's user was left with): every line that parses is sent, the
+    torn one, with the operation appended to it on the same line, is dropped
+    with one line counting its bytes."""
+    spool = Spool(tmp_path / "old")
+    spool.create(_meta("old"))
+    spool.unlock()
+    lines = [json.dumps(op) + "\n" for op in OPS]
+    torn = lines[2][:40]
+    (spool.dir / "ops.jsonl").write_text(lines[0] + lines[1] + torn + "".join(lines[3:]))
+    with caplog.at_level(logging.WARNING, logger="gaptrack.sync"):
+        [(_, run_id, sent, error)] = sync(spool.dir, tracking_uri=fast_store)
+    assert error is None and sent == len(OPS) - 2
+    client = MlflowClient(fast_store)
+    assert _arrived(client, client.get_run(run_id)) == [0, 1, 4]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "gaptrack.sync"]
+    assert f"dropped a torn tail of {len(torn) + len(lines[3])} byte(s)" in line, line
