@@ -16,8 +16,11 @@ naming the ``gaptrack sync`` command that sends it later (:mod:`gaptrack.sync`).
 
 **Guarantees.** Every operation is in the spool before it is sent and is removed
 only once the server has acknowledged all operations, so no point is lost by a
-crash of the server or of the training; and every point reaches the server
-exactly once in effect (see :mod:`gaptrack.sender`). Credentials are never
+crash of the server or of the training (``gaptrack sync`` ends the run of a
+killed training as ``KILLED``); and every point reaches the server exactly once
+in effect (see :mod:`gaptrack.sender`). When the spool's disk is full or
+read-only, operations are kept in memory within a bound instead, and train end
+says what could not be kept (:mod:`gaptrack.outbox`); nothing of it raises. Credentials are never
 written to the spool: a tracking URI is stored without its user-info part, and
 MLflow reads the credentials from its own environment variables when sending.
 
@@ -31,10 +34,9 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 
 from gaptrack.outbox import Outbox
-from gaptrack.sender import BackgroundSender, TrackingWarning
+from gaptrack.sender import BackgroundSender, TrackingWarning, warn_tracking
 from gaptrack.spool import Spool, safe_relative, spool_root
 from gaptrack.uris import check_tracking_uri, redact_uri
 
@@ -203,11 +205,9 @@ class RunLogger:
             self.spool.remove()
         elif kept and self.spool.exists():
             why = self._sender.fatal or f"in {self.close_timeout:g} s"
-            warnings.warn(
-                f"gaptrack could not send {kept} item(s) to MLflow ({why}); they "
-                f"are kept in {self.spool.dir}: run `gaptrack sync {self.spool.dir}` when "
-                "the server accepts them",
-                TrackingWarning, stacklevel=2)
+            warn_tracking(f"gaptrack could not send {kept} item(s) to MLflow ({why}); they "
+                          f"are kept in {self.spool.dir}: run `gaptrack sync {self.spool.dir}` "
+                          "when the server accepts them")
         return done
 
 
