@@ -154,6 +154,13 @@ def measured_logs(model, logs, loss):
     return {name: value for name, value in logs.items() if name in names}
 
 
+def metric_names(model, loss):
+    """The names of what gaptrack measures for a built model (the keys of
+    ``evaluate(return_dict=True)``), read from its metric objects without
+    running it."""
+    return list(measured_logs(model, model.get_metrics_result(), loss))
+
+
 def single_loss_function(model):
     """The one compiled per-sample loss function of a single-output model
     (its ``call(y_true, y_pred)`` gives per-sample values), else ``None``."""

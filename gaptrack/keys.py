@@ -144,6 +144,18 @@ def epoch_metrics(record):
     return out
 
 
+def records_frame(records):
+    """``[EpochRecord]`` as a DataFrame of keys: one row a record (index
+    ``epoch``, the step), one column a key of :func:`epoch_metrics`, sorted
+    (NaN where a record has no value for it)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([epoch_metrics(r) for r in records],
+                         index=pd.Index([r.step for r in records], name="epoch", dtype="int64"),
+                         dtype="float64")
+    return frame[sorted(frame.columns)]
+
+
 def summary_metrics(summaries, worst_staleness=None):
     """The run-level keys.
 
