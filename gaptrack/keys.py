@@ -66,6 +66,9 @@ WORST_LAYER_TAG = "gaptrack.bn_worst_layer"
 RETURNED_TAG = "gaptrack.returned_weights"
 #: What failed inside the tracker while training went on (:mod:`gaptrack.safety`).
 ERROR_TAG = "gaptrack.error"
+#: The last epoch a killed training logged (set by ``gaptrack sync``, which ends
+#: the run as ``KILLED``); ``none`` when it logged none.
+LAST_EPOCH_TAG = "gaptrack.last_epoch"
 #: Marks a run that holds a comparison of other runs (not ranked, not counted).
 REPORT_TAG = "gaptrack.report"
 #: A fingerprint of the run description gaptrack wrote (MLflow's own tag
