@@ -11,10 +11,13 @@ function is used.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # pyproject.toml reads it; see CHANGELOG.md
 
 _PUBLIC = {
     "GapTracker": "gaptrack.callback",
+    "Report": "gaptrack.report",
+    "explain": "gaptrack.explaining",
+    "load_run": "gaptrack.runs",
     "autolog": "gaptrack.autologging",
     "measure": "gaptrack.measurement",
     "Measurement": "gaptrack.measurement",

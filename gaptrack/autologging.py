@@ -9,12 +9,19 @@ measured as it is). A ``fit`` that already has a ``GapTracker`` among its
 callbacks is left as it is.
 
 ``fit`` on an infinite dataset (``dataset.repeat()`` with ``steps_per_epoch``)
-has no finite training set to measure; unless a ``probe`` is given it fails
-before training starts, saying how to pass one. A ``keras.utils.PyDataset`` is
-indexable: the probe is drawn from its batches. A generator (or any other
-one-shot iterator) can be read only once, by ``fit``: unless a ``probe`` is
-given, ``fit/*`` is logged without measurements, with one warning saying how to
-give one.
+has no finite training set to measure: unless a ``probe`` is given, the probe
+is one fixed draw of the pipeline, read once at train begin from a copy of it
+that leaves ``fit``'s reading untouched (:meth:`gaptrack.probe.Probe.from_pipeline`:
+its first whole batches, at most ``steps_per_epoch`` of them and at most
+``probe_size`` samples), with one :class:`ProbeWarning` saying so. A
+``keras.utils.PyDataset`` is indexable: the probe is drawn from its batches.
+
+What autolog cannot measure on, it does not stop: a generator (or any other
+one-shot iterator), which only ``fit`` can read, a pipeline that cannot be
+copied without sharing state with ``fit``, training data that is no probe
+(no targets): ``fit/*`` is logged without measurements, after one
+:class:`ProbeWarning` saying why and how to give a probe, and training is
+untouched. (``GapTracker(data)`` built by hand refuses such data at once.)
 """
 
 import collections.abc
@@ -30,7 +37,8 @@ from gaptrack.callback import GapTracker
 from gaptrack.fitparams import KERAS_DEFAULT_BATCH_SIZE
 from gaptrack.fitpatch import FitPatch
 from gaptrack.keras3 import require_keras3
-from gaptrack.probe import ProbeError, ProbeWarning, _is_py_dataset, _is_tf_dataset
+from gaptrack.probe import (Probe, ProbeError, ProbeWarning, _is_py_dataset, _is_tf_dataset,
+                            check_positive_int)
 
 _settings = {}
 #: ``[patch of keras.Model.fit, patch of tf_keras.Model.fit]`` once enabled.
@@ -48,8 +56,8 @@ def autolog(disable=False, *, probe=None, probe_size=None, every=1, seed=0,
 
     Args:
         disable: ``True`` stops tracking (MLflow's patches, if any, stay).
-        probe: data to measure on instead of ``fit``'s training data (needed for
-            infinite datasets): anything :class:`GapTracker` accepts as ``data``.
+        probe: data to measure on instead of ``fit``'s training data (e.g. for
+            a generator): anything :class:`GapTracker` accepts as ``data``.
         probe_size, every, seed, bn_snapshots: as for :class:`GapTracker`.
 
     Example:
@@ -62,6 +70,10 @@ def autolog(disable=False, *, probe=None, probe_size=None, every=1, seed=0,
         for patch in _patches:
             patch.disable()
         return
+    # refused here, not warned about inside fit (where a ProbeError means "cannot measure")
+    if probe_size is not None:
+        check_positive_int("probe_size", probe_size, ProbeError)
+    check_positive_int("every", every)
     _settings.clear()
     _settings.update(probe=probe, probe_size=probe_size, every=every, seed=seed,
                      bn_snapshots=bn_snapshots)
@@ -96,43 +108,51 @@ def _callback_for(arguments):
 
 
 def _tracker_for(arguments):
-    """A GapTracker for one ``fit`` call's arguments."""
-    x = arguments.get("x")
+    """A GapTracker for one ``fit`` call's arguments; one that logs ``fit/*``
+    only, after one :class:`ProbeWarning`, when there is nothing it can measure."""
     options = dict(_settings)
     probe = options.pop("probe")
     batch_size = arguments.get("batch_size")
     # fit's class weights weight fit's own data; a probe given to autolog is as given
     options["class_weight"] = arguments.get("class_weight") if probe is None else None
-    if probe is not None:
-        data = probe
-    elif _is_py_dataset(x):
-        data = x
-    elif isinstance(x, collections.abc.Iterator):
+    try:
+        if probe is None:
+            probe, batch_size = _training_data(arguments, batch_size, options["probe_size"])
+        return GapTracker(probe, batch_size=batch_size, **options)
+    except ProbeError as exc:
         warnings.warn(
-            f"gaptrack.autolog: fit() was given a {type(x).__name__}, which only fit() can "
-            "read (once), so gaptrack logs fit/* and does not measure; pass a probe, e.g. "
-            "gaptrack.autolog(probe=(x_sample, y_sample)), to measure the gap",
+            f"gaptrack.autolog: {exc}; gaptrack logs fit/* and does not measure. Pass a "
+            "probe, e.g. gaptrack.autolog(probe=(x_sample, y_sample)), to measure the gap",
             ProbeWarning, stacklevel=3)
-        data = None
-    elif _is_tf_dataset(x):
+        return GapTracker(None, batch_size=batch_size, **{**options, "class_weight": None})
+
+
+def _training_data(arguments, batch_size, probe_size):
+    """What the probe is drawn from, and the batch size to measure at.
+
+    Raises:
+        ProbeError: nothing can be measured on (a generator, a pipeline that
+            cannot be copied, data without targets).
+    """
+    x = arguments.get("x")
+    if _is_py_dataset(x):
+        return x, batch_size
+    if isinstance(x, collections.abc.Iterator):
+        raise ProbeError(f"fit() was given a {type(x).__name__}, which only fit() can read "
+                         "(once)")
+    if _is_tf_dataset(x):
         import tensorflow as tf
 
         if int(x.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
-            raise ProbeError(
-                "gaptrack.autolog: fit() was given an infinite tf.data.Dataset "
-                f"(steps_per_epoch={arguments.get('steps_per_epoch')}), which has no finite "
-                "training set to measure; pass a probe, e.g. "
-                "gaptrack.autolog(probe=dataset.take(64))"
-            )
-        data = x
-    else:
-        data = (x, arguments.get("y"), arguments.get("sample_weight"))
-        if data[2] is None:
-            data = data[:2]
-        split = arguments.get("validation_split") or 0.0
-        if split and arguments.get("validation_data") is None:
-            from gaptrack.keras_private import train_validation_split
+            return Probe.from_pipeline(x, arguments.get("steps_per_epoch"), probe_size), \
+                batch_size
+        return x, batch_size
+    data = (x, arguments.get("y"), arguments.get("sample_weight"))
+    if data[2] is None:
+        data = data[:2]
+    split = arguments.get("validation_split") or 0.0
+    if split and arguments.get("validation_data") is None:
+        from gaptrack.keras_private import train_validation_split
 
-            data = train_validation_split(data, split)
-        batch_size = batch_size or KERAS_DEFAULT_BATCH_SIZE
-    return GapTracker(data, batch_size=batch_size, **options)
+        data = train_validation_split(data, split)
+    return data, batch_size or KERAS_DEFAULT_BATCH_SIZE

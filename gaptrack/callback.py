@@ -54,22 +54,20 @@ process (one ``log_batch`` per epoch, plus the BN snapshot).
 
 import contextlib
 import hashlib
-import math
 
 import keras
 import numpy as np
 
-from gaptrack import __version__, keys, publish
-from gaptrack.decompose import decompose, summarize
+from gaptrack import __version__, keys
+from gaptrack.decompose import add_measurement, summarize
 from gaptrack.distribute import replication
 from gaptrack.measurement import Measurer
 from gaptrack.fitparams import check_steps, guess_batch_size
 from gaptrack.keras3 import require_keras3
+from gaptrack.labels import check_labels
 from gaptrack.probe import Probe, check_positive_int
-from gaptrack.record import EpochRecord
+from gaptrack.record import EpochRecord, RunHistory
 from gaptrack.safety import Guard
-from gaptrack.snapshots import snapshot_frame
-from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger
 from gaptrack.uris import check_tracking_uri
 
 class GapTracker(keras.callbacks.Callback):
@@ -95,8 +93,13 @@ class GapTracker(keras.callbacks.Callback):
             a run is started (and ended at train end).
         inference_batch_size: batch size of the inference passes.
         close_timeout: seconds the end of training waits for the tracking
-            server; what is not sent by then stays in the spool for
-            ``gaptrack sync`` (see :mod:`gaptrack.tracking`).
+            server (default: ``gaptrack.tracking.DEFAULT_CLOSE_TIMEOUT``, 30 s);
+            what is not sent by then stays in the spool for ``gaptrack sync``
+            (see :mod:`gaptrack.tracking`).
+        mlflow: log to MLflow (the default). ``mlflow=False`` measures and keeps
+            the records in memory only: no run, no spool, no request, no file
+            written, MLflow not imported; read them with :meth:`to_frame` and
+            :meth:`report`.
         class_weight: ``fit``'s ``class_weight``, if it has one: the probe is
             weighted as ``fit`` weights the training data, so that the
             measurements weight the samples as ``fit/loss`` does.
@@ -112,6 +115,12 @@ class GapTracker(keras.callbacks.Callback):
         ...     model.fit(x, y, batch_size=64, epochs=5,
         ...               callbacks=[gaptrack.GapTracker((x, y), batch_size=64)])
 
+    Without MLflow, in a notebook::
+
+        tracker = gaptrack.GapTracker((x, y), batch_size=64, mlflow=False)
+        model.fit(x, y, batch_size=64, epochs=5, callbacks=[tracker])
+        tracker.report()      # displays itself; tracker.to_frame() for pandas
+
     Custom training loops (``train_on_batch``) log through :meth:`track` and
     :meth:`log_epoch`, with the loop's own numbers as the ``fit/*`` side::
 
@@ -124,8 +133,13 @@ class GapTracker(keras.callbacks.Callback):
 
     def __init__(self, data, batch_size=None, *, probe_size=None, every=1, seed=0,
                  bn_snapshots=True, run_id=None, inference_batch_size=None,
-                 close_timeout=DEFAULT_CLOSE_TIMEOUT, class_weight=None, loss=None):
+                 close_timeout=None, class_weight=None, loss=None,
+                 mlflow=True):
         super().__init__()
+        if not mlflow and run_id is not None:
+            raise ValueError(f"GapTracker(mlflow=False) logs to no run, so run_id={run_id!r} "
+                             "cannot be used: leave run_id out, or keep mlflow=True")
+        self.mlflow = bool(mlflow)
         self.every = check_positive_int("every", every)
         self.batch_size = None if batch_size is None else check_positive_int("batch_size",
                                                                              batch_size)
@@ -168,9 +182,10 @@ class GapTracker(keras.callbacks.Callback):
         super().set_model(model)
 
     def on_train_begin(self, logs=None):
-        import mlflow
+        if self.mlflow:
+            import mlflow
 
-        check_tracking_uri(mlflow.get_tracking_uri())  # a bad URI is refused, not warned
+            check_tracking_uri(mlflow.get_tracking_uri())  # a bad URI is refused, not warned
         self.records = []
         self._measurer = None
         self.logger = None
@@ -187,12 +202,20 @@ class GapTracker(keras.callbacks.Callback):
             if self.batch_size is None:
                 self.batch_size = guess_batch_size(self.probe, (self.params or {}).get("steps"))
             check_steps(self.probe, self.batch_size, (self.params or {}).get("steps"))
+            check_labels(self.model, self.probe, self.loss)  # before the run
             self._tags.update({keys.PROBE_SIZE_TAG: str(self.probe.size),
                                keys.BATCH_SIZE_TAG: str(self.batch_size)})
-        with self._guard("starting the MLflow run"):
-            self.logger = RunLogger(self._given_run_id, close_timeout=self.close_timeout)
-            self._images = publish.EpochImages(self.logger)
-            self.logger.set_tags(self._tags)
+            if self.probe.origin:
+                self._tags[keys.PROBE_ORIGIN_TAG] = self.probe.origin
+        if self.mlflow:
+            with self._guard("starting the MLflow run"):
+                from gaptrack import publish
+                from gaptrack.tracking import DEFAULT_CLOSE_TIMEOUT, RunLogger
+
+                timeout = DEFAULT_CLOSE_TIMEOUT if self.close_timeout is None else self.close_timeout
+                self.logger = RunLogger(self._given_run_id, close_timeout=timeout)
+                self._images = publish.EpochImages(self.logger)
+                self.logger.set_tags(self._tags)
         if self.probe is not None:
             with self._guard("preparing the measurement"):
                 self._measurer = Measurer(self.model, self.batch_size, seed=self.seed,
@@ -209,7 +232,7 @@ class GapTracker(keras.callbacks.Callback):
         self.log_epoch(epoch, logs or {}, measure=measure)
 
     def on_train_end(self, logs=None):
-        if self.logger is None:
+        if self.replication is None or not self.replication.chief:
             return
         with self._guard("measuring the weights fit() returns"):
             self._measure_returned()
@@ -220,6 +243,8 @@ class GapTracker(keras.callbacks.Callback):
             worst = tuple(max(lags[i] for lags in last.staleness.values()) for i in range(2))
             self._tags[keys.WORST_LAYER_TAG] = max(last.staleness,
                                                    key=lambda k: last.staleness[k][0])
+        if self.logger is None:
+            return
         with self._guard("logging the summaries"):
             self.logger.log_metrics(keys.summary_metrics(summaries, worst), step=0)
             self.logger.set_tags(self._tags)
@@ -227,6 +252,8 @@ class GapTracker(keras.callbacks.Callback):
             self._images.finish(self.logger.remaining_budget())
         if any(r.parts for r in self.records):
             with self._guard("the report"):
+                from gaptrack import publish
+
                 publish.log_report(self.logger, self.records, self._tags)
         self._tag_failures()
         self.logger.close()
@@ -260,12 +287,15 @@ class GapTracker(keras.callbacks.Callback):
             with self._guard(f"measuring epoch {step}", kind="measuring"):
                 measurement = self._measurer.measure(self.probe)
         if measurement is not None:
-            _add_measurement(record, measurement)
+            add_measurement(record, measurement)
             self._fingerprints[step] = _fingerprint(self.model)
         self.records.append(record)
         if self.logger is not None:
             with self._guard("logging to MLflow", kind="logging"):
                 if measurement is not None and self.bn_snapshots and measurement.bn:
+                    from gaptrack.snapshots import snapshot_frame
+
+
                     self.logger.log_table(snapshot_frame(step, measurement.bn),
                                           keys.snapshot_path(step))
                 self.logger.log_metrics(keys.epoch_metrics(record), step=step)
@@ -283,22 +313,48 @@ class GapTracker(keras.callbacks.Callback):
             return
         last = self.records[-1]
         if self._last_attempt != last.step:
-            _add_measurement(last, self._measurer.measure(self.probe))
+            add_measurement(last, self._measurer.measure(self.probe))
             self._fingerprints[last.step] = _fingerprint(self.model)
             unmeasured = keys.epoch_metrics(EpochRecord(step=last.step, fit=last.fit,
                                                         val=last.val))
-            self.logger.log_metrics({k: v for k, v in keys.epoch_metrics(last).items()
-                                     if k not in unmeasured}, step=last.step)
+            self._log({k: v for k, v in keys.epoch_metrics(last).items()
+                       if k not in unmeasured}, step=last.step)
         measured = max(self._fingerprints, default=None)
         fingerprint = _fingerprint(self.model)
         if measured is None or fingerprint == self._fingerprints[measured]:
             return
         last.returned = self._measurer.inference_pass(self.probe)[0]
-        self.logger.log_metrics(keys.epoch_metrics(EpochRecord(step=last.step,
-                                                               returned=last.returned)),
-                                step=last.step)
+        self._log(keys.epoch_metrics(EpochRecord(step=last.step, returned=last.returned)),
+                  step=last.step)
         same = [step for step, f in self._fingerprints.items() if f == fingerprint]
         self._tags[keys.RETURNED_TAG] = f"epoch {same[-1]}" if same else "restored"
+
+    def _log(self, metrics, step):
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=step)
+
+    # -- what it holds -----------------------------------------------------------
+
+    def to_frame(self):
+        """The history as a DataFrame: one row a logged epoch (index ``epoch``),
+        one column a key of :mod:`gaptrack.keys` (``fit/loss``,
+        ``eval_train/loss``, ``gap/loss/drift``, ...; NaN where an epoch was not
+        measured). The same frame as ``gaptrack.load_run(run_id).history``."""
+        return keys.records_frame(self.records)
+
+    def report(self):
+        """The :class:`gaptrack.Report` of what was measured so far: the one
+        the tracker logs at train end, and ``gaptrack.load_run(...).report``.
+
+        Raises:
+            gaptrack.report.ReportError: no epoch was measured yet.
+        """
+        from gaptrack.report import build_report
+
+        found = self.logger.wait_for_run(0) if self.logger is not None else None
+        run_id, run_name = found or (self.run_id, None)
+        return build_report(RunHistory(run_id=run_id, run_name=run_name, records=self.records,
+                                       tags=dict(self._tags)))
 
     def _tag_failures(self):
         """Tag the run with what failed inside the tracker, when something did."""
@@ -329,16 +385,3 @@ def _fingerprint(model):
     for variable in model.weights:
         digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     return digest.hexdigest()
-
-
-def _add_measurement(record, measurement):
-    """Fill ``record`` with one measurement and the gap it decomposes."""
-    record.eval_train = measurement.eval_train
-    record.train_mode = measurement.train_mode
-    record.precise_bn = measurement.precise_bn or {}
-    record.parts = decompose(record.fit, measurement.eval_train, measurement.train_mode,
-                             measurement.precise_bn)
-    record.noise = measurement.loss_standard_error
-    record.bn_spread = measurement.bn_spread
-    record.staleness = {stats.key: stats.staleness for stats in measurement.bn
-                        if all(math.isfinite(v) for v in stats.mean)}

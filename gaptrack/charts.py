@@ -60,7 +60,8 @@ def decomposition_figure(history, probe_size=None):
     figure = Figure(figsize=(9, 3.2 * len(names)), layout="constrained")
     for axes, m in zip(figure.subplots(len(names), 1, squeeze=False)[:, 0], names):
         records = [r for r in history.records if m in r.parts]
-        epochs = [r.step for r in records]
+        # a model measured once, after fit() (gaptrack.explain without a history), has no epoch
+        epochs = [0 if r.step is None else r.step for r in records]
         up, down = np.zeros(len(epochs)), np.zeros(len(epochs))
         for part in PARTS:
             values = np.nan_to_num(_finite([getattr(r.parts[m], part) for r in records]))
@@ -84,12 +85,14 @@ def decomposition_figure(history, probe_size=None):
         axes.use_sticky_edges = False  # stacked bars pin the limits to their ends
         axes.margins(y=0.08)
         axes.set_xlim(epochs[0] - 0.6, epochs[-1] + 0.6)
-        if len(epochs) <= 12:
+        if records[0].step is None:
+            axes.set_xticks(epochs, ["after fit()"])
+        elif len(epochs) <= 12:
             axes.set_xticks(epochs)
         else:
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
-        axes.set_ylabel(f"{m}: fit - evaluate")
+        axes.set_ylabel(f"{m}: fit - evaluate" if records[0].fit else f"{m}: parts measured")
         axes.set_title(f"{m}: gap between fit() and evaluate(), by cause")
         axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure

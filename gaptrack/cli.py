@@ -117,16 +117,16 @@ def report(run_id, tracking_uri, html_file):
     """Why fit() and evaluate() disagree in run RUN_ID: the diagnosis, the numbers
     behind it and what to do, rebuilt from the run's logged metrics."""
     from gaptrack.render import Rendering  # MLflow loads only when reporting
-    from gaptrack.report import ReportError, build_report
-    from gaptrack.runs import load_history
+    from gaptrack.report import ReportError
+    from gaptrack.runs import load_run
 
     try:
-        rendering = Rendering(build_report(load_history(run_id, tracking_uri)))
+        report = load_run(run_id, tracking_uri).report
     except ReportError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(rendering.text(), nl=False)
+    click.echo(str(report), nl=False)
     if html_file is not None:
-        html_file.write_text(rendering.html(), encoding="utf-8")
+        html_file.write_text(Rendering(report).html(), encoding="utf-8")
         click.echo(f"wrote {html_file}", err=True)
 
 

@@ -16,6 +16,9 @@ re-measurement and ``pbn`` the PreciseBN one::
 Without a BN layer that trains, ``pbn`` is ``eval``: ``mode = train - eval`` and
 ``bn_ema = 0``. The parts are a telescoping sum, so ``drift + mode + bn_ema ==
 gap`` up to floating point rounding, whatever the numbers.
+
+Without ``fit`` (a model measured after training, with no ``History`` at hand)
+``mode`` and ``bn_ema`` are still known; ``gap`` and ``drift`` are NaN.
 """
 
 import math
@@ -27,7 +30,8 @@ def decompose(fit, eval_train, train_mode, precise_bn=None):
     """The gap of every metric measured by both sides, and its parts.
 
     Args:
-        fit: ``{metric: value}`` as ``fit()`` reported it.
+        fit: ``{metric: value}`` as ``fit()`` reported it, or ``None`` when
+            unknown: then every measured metric gets NaN ``gap`` and ``drift``.
         eval_train, train_mode, precise_bn: ``{metric: value}`` measurements;
             ``precise_bn`` is ``None`` (or empty) when no BN layer trains.
 
@@ -37,12 +41,15 @@ def decompose(fit, eval_train, train_mode, precise_bn=None):
     Example:
         >>> decompose({"loss": 0.5}, {"loss": 0.75}, {"loss": 0.625}, {"loss": 0.6875})
         {'loss': Parts(gap=-0.25, drift=-0.125, mode=-0.0625, bn_ema=-0.0625)}
+        >>> decompose(None, {"loss": 0.75}, {"loss": 0.625}, {"loss": 0.6875})
+        {'loss': Parts(gap=nan, drift=nan, mode=-0.0625, bn_ema=-0.0625)}
     """
     out = {}
     for name, e in eval_train.items():
-        if name not in fit or name not in train_mode:
+        if (fit is not None and name not in fit) or name not in train_mode:
             continue
-        f, e, t = float(fit[name]), float(e), float(train_mode[name])
+        f = math.nan if fit is None else float(fit[name])
+        e, t = float(e), float(train_mode[name])
         p = float(precise_bn[name]) if precise_bn and name in precise_bn else None
         out[name] = Parts(gap=f - e, drift=f - t, mode=t - (e if p is None else p),
                           bn_ema=0.0 if p is None else p - e)
@@ -79,3 +86,19 @@ def summarize(records):
             "mean_abs": sum(finite) / len(finite) if finite else math.nan,
         }
     return out
+
+
+def add_measurement(record, measurement, fit_known=True):
+    """Fill ``record`` (:class:`gaptrack.record.EpochRecord`) with one
+    :class:`gaptrack.measurement.Measurement` and the gap it decomposes against
+    ``record.fit``; with ``fit_known=False`` (no ``History``), the parts that
+    need no ``fit`` value."""
+    record.eval_train = measurement.eval_train
+    record.train_mode = measurement.train_mode
+    record.precise_bn = measurement.precise_bn or {}
+    record.parts = decompose(record.fit if fit_known else None, measurement.eval_train,
+                             measurement.train_mode, measurement.precise_bn)
+    record.noise = measurement.loss_standard_error
+    record.bn_spread = measurement.bn_spread
+    record.staleness = {stats.key: stats.staleness for stats in measurement.bn
+                        if all(math.isfinite(v) for v in stats.mean)}

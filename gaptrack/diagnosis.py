@@ -82,6 +82,9 @@ class Diagnosis:
         probe_size: ``n``, the samples measured (``None`` when unknown).
         first_nonfinite_epoch: the first epoch with a NaN or infinite value of
             the metric, else ``None``.
+        fit_known: whether ``fit()``'s value was given; without it (a model
+            measured with no ``History``) ``fit``, ``gap`` and ``drift`` are NaN
+            and the cause is the larger of ``mode`` and ``bn_ema``.
     """
 
     cause: str
@@ -95,6 +98,7 @@ class Diagnosis:
     z: float = Z
     probe_size: int = None
     first_nonfinite_epoch: int = None
+    fit_known: bool = True
 
     @property
     def threshold(self):
@@ -133,9 +137,17 @@ def first_nonfinite_epoch(records, metric="loss"):
     """
     bad = [r.step for r in records
            if not math.isfinite(r.fit.get(metric, 0.0))
-           or (metric in r.parts and not all(map(math.isfinite,
-                                                  dataclasses.astuple(r.parts[metric]))))]
+           or (metric in r.parts and not all(map(math.isfinite, _known_parts(r, metric))))]
     return min(bad) if bad else None
+
+
+def _known_parts(record, metric):
+    """The gap and parts of ``metric`` that ``record`` knows: without a ``fit``
+    value, ``mode`` and ``bn_ema`` only."""
+    parts = record.parts[metric]
+    if metric in record.fit:
+        return dataclasses.astuple(parts)
+    return parts.mode, parts.bn_ema
 
 
 def diagnose(records, metric="loss", *, probe_size=None, z=Z):
@@ -167,13 +179,17 @@ def diagnose(records, metric="loss", *, probe_size=None, z=Z):
     parts = {p: nan if split is None else getattr(split, p) for p in PARTS}
     gap = nan if split is None else split.gap
     noise = standard_error(record, metric, probe_size)
+    fit_known = metric in record.fit
+    candidates = PARTS if fit_known else ("mode", "bn_ema")
+    known = [abs(v) for v in _known_parts(record, metric)] if split is not None else [nan]
     if first is not None:
         cause = "nonfinite"
-    elif max(abs(gap), *(abs(v) for v in parts.values())) <= (0.0 if noise is None else z * noise):
+    elif max(known) <= (0.0 if noise is None else z * noise):
         cause = "none"
     else:
-        cause = max(PARTS, key=lambda part: abs(parts[part]))
+        cause = max(candidates, key=lambda part: abs(parts[part]))
     return Diagnosis(cause=cause, metric=metric, epoch=record.step,
                      fit=float(record.fit.get(metric, nan)),
                      eval_train=float(record.eval_train.get(metric, nan)), gap=gap, parts=parts,
-                     noise=noise, z=z, probe_size=probe_size, first_nonfinite_epoch=first)
+                     noise=noise, z=z, probe_size=probe_size, first_nonfinite_epoch=first,
+                     fit_known=fit_known)

@@ -154,6 +154,13 @@ def measured_logs(model, logs, loss):
     return {name: value for name, value in logs.items() if name in names}
 
 
+def metric_names(model, loss):
+    """The names of what gaptrack measures for a built model (the keys of
+    ``evaluate(return_dict=True)``), read from its metric objects without
+    running it."""
+    return list(measured_logs(model, model.get_metrics_result(), loss))
+
+
 def single_loss_function(model):
     """The one compiled per-sample loss function of a single-output model
     (its ``call(y_true, y_pred)`` gives per-sample values), else ``None``."""
@@ -182,16 +189,22 @@ def loss_reductions(model):
     return {getattr(entry[1], "reduction", None) for entry in flat}
 
 
+def inference_output(model, x):
+    """The model's output on ``x`` in inference mode, from one stateless call
+    (no variable changes)."""
+    kwargs = {"training": False} if model._call_has_training_arg else {}
+    y_pred, _ = model.stateless_call([v.value for v in model.trainable_variables],
+                                     [v.value for v in model.non_trainable_variables], x, **kwargs)
+    return y_pred
+
+
 def output_has_mask(model, x):
     """Whether the model's output carries a Keras mask (``Embedding(mask_zero=True)``,
     ``Masking``... on the output path), read from one stateless inference call on ``x``."""
     from keras import tree
     from keras.src.backend.common.masking import get_keras_mask
 
-    kwargs = {"training": False} if model._call_has_training_arg else {}
-    y_pred, _ = model.stateless_call([v.value for v in model.trainable_variables],
-                                     [v.value for v in model.non_trainable_variables], x, **kwargs)
-    return any(get_keras_mask(t) is not None for t in tree.flatten(y_pred))
+    return any(get_keras_mask(t) is not None for t in tree.flatten(inference_output(model, x)))
 
 
 def batch_moments(layer, x, mask):

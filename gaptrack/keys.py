@@ -58,12 +58,17 @@ VERSION_TAG = "gaptrack.version"
 DIAGNOSIS_TAG = "gaptrack.diagnosis"
 NONFINITE_TAG = "gaptrack.nonfinite_epoch"
 PROBE_SIZE_TAG = "gaptrack.probe_size"
+#: How the probe was drawn, when it is one draw of a pipeline (:attr:`gaptrack.probe.Probe.origin`).
+PROBE_ORIGIN_TAG = "gaptrack.probe_origin"
 BATCH_SIZE_TAG = "gaptrack.batch_size"
 REPLICAS_TAG = "gaptrack.replicas"
 WORST_LAYER_TAG = "gaptrack.bn_worst_layer"
 RETURNED_TAG = "gaptrack.returned_weights"
 #: What failed inside the tracker while training went on (:mod:`gaptrack.safety`).
 ERROR_TAG = "gaptrack.error"
+#: The last epoch a killed training logged (set by ``gaptrack sync``, which ends
+#: the run as ``KILLED``); ``none`` when it logged none.
+LAST_EPOCH_TAG = "gaptrack.last_epoch"
 #: Marks a run that holds a comparison of other runs (not ranked, not counted).
 REPORT_TAG = "gaptrack.report"
 #: A fingerprint of the run description gaptrack wrote (MLflow's own tag
@@ -139,6 +144,18 @@ def epoch_metrics(record):
     if record.bn_spread is not None:
         out[BN_SPREAD] = record.bn_spread
     return out
+
+
+def records_frame(records):
+    """``[EpochRecord]`` as a DataFrame of keys: one row a record (index
+    ``epoch``, the step), one column a key of :func:`epoch_metrics`, sorted
+    (NaN where a record has no value for it)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([epoch_metrics(r) for r in records],
+                         index=pd.Index([r.step for r in records], name="epoch", dtype="int64"),
+                         dtype="float64")
+    return frame[sorted(frame.columns)]
 
 
 def summary_metrics(summaries, worst_staleness=None):

@@ -44,6 +44,7 @@ from gaptrack import passes as compiled
 from gaptrack.bn import BNStatistics, find_bn_layers
 from gaptrack.distribute import bn_spread, replication
 from gaptrack.keras3 import require_keras3
+from gaptrack.labels import check_labels
 from gaptrack.probe import Probe, check_positive_int
 
 #: Largest batch used for the inference passes.
@@ -92,6 +93,27 @@ class Measurement:
     bn: list = field(default_factory=list)
     loss_standard_error: float = None
     bn_spread: float = None
+
+    def __repr__(self):
+        trains = sum(bool(s.trains) for s in self.bn)
+        noise = self.loss_standard_error
+        return (f"Measurement(probe_size={self.probe_size}, batch_size={self.batch_size}, "
+                f"eval_train={_short(self.eval_train)}, train_mode={_short(self.train_mode)}, "
+                f"precise_bn={_short(self.precise_bn)}, bn=<{len(self.bn)} BN layers, {trains} "
+                f"training>, loss_standard_error={'None' if noise is None else f'{noise:.4g}'})")
+
+    def _repr_html_(self):
+        from gaptrack.render import html_table
+
+        kinds = ("train_mode", "precise_bn", "eval_train")
+        rows = [[name, *(_cell(getattr(self, kind), name) for kind in kinds)]
+                for name in self.eval_train]
+        trains = sum(bool(s.trains) for s in self.bn)
+        return (f"<div><b>gaptrack.Measurement</b> on {self.probe_size} samples, training "
+                f"batch size {self.batch_size}, {len(self.bn)} BN layers ({trains} training)"
+                f"{html_table(['metric', *kinds], rows)}"
+                "<small>gaptrack.explain(model, data, batch_size=..., history=...) "
+                "decomposes the gap.</small></div>")
 
     @property
     def finite(self):
@@ -169,6 +191,8 @@ class Measurer:
         #: for the layout it was found for.
         self._batching_matters = None
         self._layout = None
+        #: The probe whose labels were checked against the outputs (:mod:`gaptrack.labels`).
+        self._checked = None
 
     def _compiled(self, probe):
         """The model's compiled passes (:func:`gaptrack.passes.compiled_passes`),
@@ -179,6 +203,10 @@ class Measurer:
         if layout != self._layout:
             self._layout = layout
             self._batching_matters = None
+            self._checked = None
+        if probe is not self._checked:  # before any number: labels that broadcast
+            check_labels(self.model, probe, self.loss)
+            self._checked = probe
         return compiled.compiled_passes(self.model, self.bn_layers, self.batch_size, layout,
                                         self.shards, self.loss)
 
@@ -304,6 +332,19 @@ class Measurer:
             probe_size=probe.size, batch_size=self.batch_size, bn=bn,
             loss_standard_error=noise, bn_spread=bn_spread(self.model, self.bn_layers),
         )
+
+
+def _short(values, most=12):
+    """``{name: value}`` in 4 significant digits, at most ``most`` names."""
+    if values is None:
+        return "None"
+    items = [f"{name!r}: {value:.4g}" for name, value in list(values.items())[:most]]
+    more = [f"... {len(values) - most} more"] if len(values) > most else []
+    return "{" + ", ".join(items + more) + "}"
+
+
+def _cell(values, name):
+    return "-" if values is None or name not in values else f"{values[name]:.4g}"
 
 
 def _finite_weights(model):

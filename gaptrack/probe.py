@@ -23,12 +23,16 @@ Which samples:
   read as the others, with a :class:`ProbeWarning`, since the probe is then one
   frozen random draw, not the training data;
 - an infinite dataset: an error, since no sample of it is the training set. Pass
-  a finite one, e.g. ``dataset.take(n_batches)``, which is read once and kept.
+  a finite one, e.g. ``dataset.take(n_batches)``, which is read once and kept,
+  or one fixed draw of it, :meth:`Probe.from_pipeline` (what
+  ``gaptrack.autolog()`` measures on when ``fit`` reads an infinite pipeline).
 """
 
 import warnings
 
 import numpy as np
+
+from gaptrack.tfdata import independent_copy, random_ops
 
 #: Samples measured by default. PreciseBN needs 10^3-10^4 samples for stable
 #: population statistics; larger training sets are sampled down to this.
@@ -63,14 +67,36 @@ def _unpack(element):
     )
 
 
-def _num_samples(structure):
-    leaves = [a for a in _tree().flatten(structure) if a is not None]
+def _num_samples(batch):
+    """The number of samples (rows) of ``(x, y, sample_weight)``, the same for every array."""
+    leaves = [a for a in _tree().flatten(batch) if a is not None]
     if not leaves:
         raise ProbeError("probe data has no arrays")
     sizes = {int(np.shape(a)[0]) for a in leaves}
     if len(sizes) != 1:
-        raise ProbeError(f"probe arrays have different numbers of samples: {sorted(sizes)}")
+        shapes = ", ".join(f"{name} of shape {np.shape(a)}"
+                           for name, part in zip(("x", "y", "sample_weight"), batch)
+                           for a in _tree().flatten(part) if a is not None)
+        raise ProbeError(f"probe arrays have different numbers of samples: {sorted(sizes)} "
+                         f"({shapes}); each needs one row per sample"
+                         + _labels_in_a_row(batch))
     return sizes.pop()
+
+
+def _labels_in_a_row(batch):
+    """What labels of shape ``(1, n)`` for ``n`` samples of ``x`` would do (the
+    question's ``np.expand_dims(y, 0)``), or ''."""
+    x_sizes = {int(np.shape(a)[0]) for a in _tree().flatten(batch[0]) if a is not None}
+    n = x_sizes.pop() if len(x_sizes) == 1 else 0
+    row = next((np.shape(a) for a in _tree().flatten(batch[1]) if a is not None
+                and np.ndim(a) >= 2 and np.shape(a)[0] == 1 and np.size(a) == n > 1), None)
+    if row is None:
+        return ""
+    return (f". y of shape {row} holds the {n} labels in one row, as np.expand_dims(y, 0) "
+            f"makes it: against one output per sample, shape ({n}, 1), it would broadcast "
+            f"into a {n} × {n} comparison, every output against every label (a model right "
+            "on every sample would score p² + (1 - p)², p the share of ones). Accepted: y "
+            f"of shape ({n},) or ({n}, 1), e.g. np.reshape(y, ({n}, 1))")
 
 
 def _rows(structure, index):
@@ -93,6 +119,9 @@ class Probe:
             or ``None`` when unknown.
         dataset_batch_size: the batch size of the ``tf.data.Dataset`` the probe
             was read from (its first batch), else ``None``.
+        origin: how the probe was drawn, when it is one draw of a pipeline
+            rather than (a sample of) the training data, else ``None``; the
+            tracker tags the run with it and the report says it.
 
     Example:
         >>> probe = Probe.from_data((x_train, y_train), probe_size=2000, seed=0)
@@ -100,13 +129,15 @@ class Probe:
         (2000, 60000)
     """
 
-    def __init__(self, x, y, sample_weight=None, total=None, dataset_batch_size=None):
+    def __init__(self, x, y, sample_weight=None, total=None, dataset_batch_size=None,
+                 origin=None):
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.size = _num_samples((x, y, sample_weight))
         if self.size == 0:
             raise ProbeError("probe data is empty (0 samples)")
         self.total = total
         self.dataset_batch_size = dataset_batch_size
+        self.origin = origin
 
     @classmethod
     def from_data(cls, data, probe_size=None, seed=0):
@@ -147,10 +178,10 @@ class Probe:
                 "probe=dataset.take(64) (64 batches, read once and kept)"
             )
         unknown = cardinality == int(tf.data.UNKNOWN_CARDINALITY)
-        random_ops = _random_ops(dataset)
-        if random_ops:
+        randoms = random_ops(dataset)
+        if randoms:
             warnings.warn(
-                f"the probe dataset draws random numbers ({', '.join(random_ops)}), e.g. "
+                f"the probe dataset draws random numbers ({', '.join(randoms)}), e.g. "
                 "augmentation in map(): gaptrack measures one frozen draw of it, which is "
                 "neither the data evaluate() sees nor what fit() trains on. Pass the "
                 "pipeline without its random ops as the probe, e.g. GapTracker("
@@ -207,11 +238,66 @@ class Probe:
         wanted = min(n, -(-probe_size // batch))
         index = np.sort(np.random.default_rng(seed).choice(n, size=wanted, replace=False))
         batches = [first if i == 0 else _as_numpy(_unpack(dataset[int(i)])) for i in index]
-        x, y, sw = _rows(_tree().map_structure(lambda *a: None if a[0] is None
-                                               else np.concatenate(a), *batches),
-                         slice(0, probe_size))
+        x, y, sw = _concatenate(batches, probe_size)
         total = sum(_num_samples(b) for b in batches) if wanted == n else None
         return cls(x, y, sw, total=total, dataset_batch_size=batch)
+
+    @classmethod
+    def from_pipeline(cls, dataset, steps=None, probe_size=None):
+        """One fixed draw of an infinite ``tf.data`` pipeline of batches: what
+        ``gaptrack.autolog()`` measures on when ``fit(dataset, steps_per_epoch=...)``
+        reads one. A :class:`ProbeWarning` says what was drawn.
+
+        The rule: the first whole batches of one pass of an independent copy of
+        the pipeline (:func:`gaptrack.tfdata.independent_copy`: ``fit``'s
+        reading, and any later pass, are left as they would have been), at most
+        ``steps`` of them (one epoch of ``fit``) and at most ``probe_size``
+        samples (default 10,000); at least one batch, cut to ``probe_size``
+        samples if it alone is larger. Read once, kept as arrays: every epoch is
+        measured on the same samples. With the pipeline's random ops seeded (an
+        op's ``seed``, or a global seed: ``keras.utils.set_random_seed``), they
+        are the batches ``fit``'s first epoch reads (when the pipeline was not
+        iterated before ``fit``); without a seed, another draw of the same
+        pipeline.
+
+        Args:
+            dataset: a ``tf.data.Dataset`` of ``(x, y[, sample_weight])`` batches.
+            steps: ``fit``'s ``steps_per_epoch`` (``None``: no limit in batches).
+            probe_size: at most this many samples (default 10,000).
+
+        Raises:
+            ProbeError: the pipeline cannot be copied without sharing state with
+                ``fit``, or yields no batch.
+        """
+        probe_size = (DEFAULT_PROBE_SIZE if probe_size is None
+                      else check_positive_int("probe_size", probe_size, ProbeError))
+        copy, sampling = independent_copy(dataset)
+        batches, seen = [], 0
+        for element in copy.as_numpy_iterator():
+            batch = _as_numpy(_unpack(element))
+            n = _num_samples(batch)
+            if batches and seen + n > probe_size:
+                break
+            batches.append(batch)
+            seen += n
+            if len(batches) == steps or seen >= probe_size:
+                break
+        if not batches:
+            raise ProbeError("the pipeline is empty (it yielded no batch)")
+        x, y, sw = _concatenate(batches, probe_size)
+        size, first = min(seen, probe_size), _num_samples(batches[0])
+        count = f"{len(batches)} batches" if len(batches) > 1 else "batch"
+        origin = (f"one fixed draw of the training pipeline, its first {count} ({size} "
+                  "samples), read once at train begin from a copy of it")
+        if sampling:
+            origin += f"; the pipeline samples at random ({', '.join(sampling)})"
+        warnings.warn(
+            f"fit() reads an infinite tf.data pipeline: gaptrack measures every epoch on {origin}"
+            + (", so the probe is one draw of it, not the whole training data" if sampling
+               else "") + ". fit()'s own reading is untouched. To measure on samples of your "
+            "choosing, pass them: gaptrack.autolog(probe=(x, y)) or GapTracker((x, y), ...)",
+            ProbeWarning, stacklevel=3)
+        return cls(x, y, sw, dataset_batch_size=first, origin=origin)
 
     def with_class_weight(self, class_weight):
         """This probe weighted as ``fit(class_weight=class_weight)`` weights it: each
@@ -234,7 +320,8 @@ class Probe:
         from gaptrack.keras_private import class_weight_to_sample_weights
 
         return Probe(self.x, self.y, class_weight_to_sample_weights(self.y, class_weight),
-                     total=self.total, dataset_batch_size=self.dataset_batch_size)
+                     total=self.total, dataset_batch_size=self.dataset_batch_size,
+                     origin=self.origin)
 
     def batches(self, batch_size):
         """Yield ``(x, y, sample_weight)`` slices of ``batch_size`` samples, in order."""
@@ -248,17 +335,10 @@ def _assign(target, index, source):
             t[index] = s
 
 
-def _random_ops(dataset):
-    """The random-number ops of a ``tf.data`` pipeline (in its graph and the
-    functions of its ``map()``/``filter()``...), sorted: ``RandomUniform`` of
-    ``tf.image.random_*``, ``RandomStandardNormal`` of ``tf.random.normal``, the
-    ``StatelessRandom*`` of Keras' random layers, ``RngReadAndSkip`` of a
-    ``tf.random.Generator``. ``shuffle()`` reorders without them."""
-    import tensorflow as tf
-
-    graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
-    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
-    return sorted(op for op in ops if "Random" in op or op.startswith("Rng"))
+def _concatenate(batches, limit):
+    """``(x, y, sample_weight)`` of ``batches`` one after the other, at most ``limit`` rows."""
+    return _rows(_tree().map_structure(lambda *a: None if a[0] is None else np.concatenate(a),
+                                       *batches), slice(0, limit))
 
 
 def _as_numpy(structure):

@@ -89,7 +89,7 @@ def log_report(logger, records, tags):
                                      records=records, tags=dict(tags)))
     rendering = Rendering(report)
     artifacts = rendering.artifacts()
-    logger.set_tags(keys.diagnosis_tags(report.diagnosis))
+    logger.set_tags(keys.diagnosis_tags(report.evidence))
     logger.set_description(rendering.description())
     for name, data in artifacts.items():
         logger.log_bytes(data, f"{keys.REPORT_DIR}/{name}")

@@ -10,18 +10,27 @@ which noise), the remedy that fits the cause and a table of every metric.
 :mod:`gaptrack.render` makes it Markdown, HTML and charts; the tracker logs them
 under ``gaptrack/report/`` at train end, and ``gaptrack report RUN_ID`` prints it.
 
+One :class:`Report` for every source: :func:`gaptrack.explain` (one model
+state, no MLflow), a tracker (``GapTracker.report()``, and the report it logs at
+train end) and a tracked run read back (``gaptrack.load_run(run_id).report``,
+``gaptrack report RUN_ID``): the same history gives the same sentence, table and
+remedy wherever it is read. It shows itself: ``str(report)`` for a terminal,
+``report._repr_html_()`` in Jupyter, ``report.to_frame()`` for pandas,
+``report.to_markdown()``.
+
 Example:
-    >>> from gaptrack.report import build_report
-    >>> from gaptrack.runs import load_history
-    >>> report = build_report(load_history(run_id))
+    >>> report = gaptrack.load_run(run_id).report
+    >>> report.diagnosis
+    'bn_ema'
     >>> print(report.sentence)
 """
 
 import math
 
 from gaptrack.diagnosis import diagnose, is_accuracy, standard_error
-from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PRECISE_BN, PROBE_SIZE_TAG,
-                           REPLICAS_TAG, RETURNED_TAG, WORST_LAYER_TAG, metric_key)
+from gaptrack.keys import (BATCH_SIZE_TAG, EVAL_TRAIN, PARTS, PRECISE_BN, PROBE_ORIGIN_TAG,
+                           PROBE_SIZE_TAG, REPLICAS_TAG, RETURNED_TAG, WORST_LAYER_TAG,
+                           metric_key)
 from gaptrack.record import natural_order
 
 #: What each cause is, in the words of the sentence.
@@ -54,8 +63,12 @@ def build_report(history):
 
 def _num(value, sign=False):
     """A number as the report prints it: 4 significant digits (``+`` for a
-    difference when ``sign``), ``nan``/``inf`` as such."""
-    return f"{value:+.4g}" if sign and math.isfinite(value) else f"{value:.4g}"
+    difference when ``sign``), ``nan``/``inf`` as such, no negative zero, ``-``
+    for ``None`` (not measured)."""
+    if value is None:
+        return "-"
+    text = f"{value:+.4g}" if sign and math.isfinite(value) else f"{value:.4g}"
+    return text.replace("-0", "+0" if sign else "0", 1) if float(text) == 0 else text
 
 
 def _standard_errors(z):
@@ -73,17 +86,78 @@ def bn_spread_noise(probe_size, z):
     return z * math.sqrt(2.0 / probe_size) if probe_size else 0.0
 
 
+#: The columns of :meth:`Report.to_frame`, in the order of the table.
+COLUMNS = ("fit", "train_mode", "precise_bn", "eval_train", "gap", *PARTS, "noise")
+
+
 class Report:
-    """The report of one run: :attr:`sentence`, :attr:`remedy`, :attr:`rows`.
+    """Why ``fit()`` and ``evaluate()`` disagree: :attr:`diagnosis`,
+    :attr:`sentence`, :attr:`remedy`, and the numbers (:meth:`to_frame`).
+
+    Made by :func:`build_report` from a run's history, whatever its source
+    (see the module docstring).
 
     Args:
         history: the run's :class:`gaptrack.record.RunHistory`.
-        diagnosis: its :class:`gaptrack.diagnosis.Diagnosis`.
+        evidence: its :class:`gaptrack.diagnosis.Diagnosis`.
+
+    Attributes:
+        history: the :class:`gaptrack.record.RunHistory` reported on.
+        evidence: the :class:`gaptrack.diagnosis.Diagnosis` of the loss: the
+            cause and the numbers behind it (epoch, gap, parts, noise).
     """
 
-    def __init__(self, history, diagnosis):
+    def __init__(self, history, evidence):
         self.history = history
-        self.diagnosis = diagnosis
+        self.evidence = evidence
+
+    @property
+    def diagnosis(self):
+        """The dominant cause, as the tag ``gaptrack.diagnosis``: ``drift``,
+        ``mode``, ``bn_ema``, ``none`` (within noise) or ``nonfinite``."""
+        return self.evidence.cause
+
+    def __repr__(self):
+        run = f" run={self.history.run_id!r}" if self.history.run_id else ""
+        return (f"<gaptrack.Report diagnosis={self.diagnosis!r} metric={self.evidence.metric!r} "
+                f"epoch={self.evidence.epoch!r}{run}>")
+
+    def __str__(self):
+        """Plain text for a terminal (under 40 lines for up to a dozen metrics)."""
+        from gaptrack.render import Rendering
+
+        return Rendering(self).text()
+
+    def _repr_pretty_(self, printer, cycle):
+        """IPython's plain-text display (its terminal, a notebook's text/plain): the text."""
+        printer.text(str(self))
+
+    def to_markdown(self):
+        """The report as Markdown: diagnosis, sentence, remedy, table, note."""
+        from gaptrack.render import Rendering
+
+        return Rendering(self).markdown(images=False)
+
+    def _repr_html_(self):
+        """Jupyter's display: the diagnosis, the sentence, the table, the remedy
+        and the decomposition chart, in colours that read on light and dark
+        themes."""
+        from gaptrack.render import Rendering
+
+        return Rendering(self).fragment()
+
+    def to_frame(self):
+        """The table as a DataFrame: one row a metric (the loss first), the
+        columns :data:`COLUMNS` (NaN where not measured: ``precise_bn``
+        without BN layers that train; ``fit``, ``gap`` and ``drift`` without
+        ``fit()``'s numbers)."""
+        import pandas as pd
+
+        rows = self.rows
+        frame = pd.DataFrame([[math.nan if r[c] is None else r[c] for c in COLUMNS] for r in rows],
+                             columns=list(COLUMNS),
+                             index=pd.Index([r["metric"] for r in rows], name="metric"))
+        return frame.astype("float64")
 
     @property
     def bn_layers(self):
@@ -98,36 +172,44 @@ class Report:
 
     @property
     def rows(self):
-        """One dict per measured metric, at the diagnosed epoch: ``metric``,
-        ``fit``, ``eval_train``, ``gap``, ``drift``, ``mode``, ``bn_ema``,
-        ``noise`` (standard error, ``None`` when there is none)."""
-        record = self._record(self.diagnosis.epoch)
+        """One dict per measured metric, at the diagnosed epoch: ``metric`` and
+        the :data:`COLUMNS`; ``None`` where a value was not measured (``noise``
+        without a standard error, ``precise_bn`` without BN layers that train,
+        ``fit``, ``gap`` and ``drift`` without ``fit()``'s numbers)."""
+        record = self._record(self.evidence.epoch)
         rows = []
         for m in self.history.names:
             parts = record.parts.get(m)
-            row = {"metric": m, "fit": record.fit.get(m, math.nan),
-                   "eval_train": record.eval_train.get(m, math.nan),
-                   "gap": parts.gap if parts else math.nan}
-            row.update((p, getattr(parts, p) if parts else math.nan) for p in PARTS)
-            row["noise"] = standard_error(record, m, self.diagnosis.probe_size)
+            fit_known = m in record.fit
+            row = {"metric": m, "fit": record.fit.get(m)}
+            for kind in ("train_mode", "precise_bn", "eval_train"):
+                row[kind] = getattr(record, kind).get(m)
+            row["gap"] = parts.gap if parts and fit_known else None
+            for p in PARTS:
+                known = parts is not None and (fit_known or p != "drift")
+                row[p] = getattr(parts, p) if known else None
+            row["noise"] = standard_error(record, m, self.evidence.probe_size)
             rows.append(row)
         return rows
 
     @property
     def sentence(self):
         """Why fit and evaluate disagree, with the numbers, in one sentence."""
-        d = self.diagnosis
+        d = self.evidence
         m = d.metric
         measured = d.epoch in self._measured_epochs(m)
         says = (f"evaluate() on the training data says {_num(d.eval_train)}" if measured
                 else "evaluate() was not measured that epoch")
+        at = "After fit()" if d.epoch is None else f"At epoch {d.epoch}"
         if d.cause == "nonfinite":
-            return (f"At epoch {d.epoch}, fit() reported {m} {_num(d.fit)} and {says}: the {m} "
+            return (f"{at}, fit() reported {m} {_num(d.fit)} and {says}: the {m} "
                     f"became non-finite (NaN or inf) at epoch {d.epoch}, so from then on there is "
                     "no gap to explain.")
         n = f"{d.probe_size} samples" if d.probe_size else "the probe"
         noise = f"±{_num(d.threshold)} ({_standard_errors(d.z)} on {n})"
-        head = f"At epoch {d.epoch}, fit() reported {m} {_num(d.fit)} and {says}: "
+        if not d.fit_known:
+            return self._sentence_without_fit(noise)
+        head = f"{at}, fit() reported {m} {_num(d.fit)} and {says}: "
         parts = ", ".join(f"{p} {_num(d.parts[p], sign=True)}" for p in PARTS)
         if d.cause == "none":
             within = ("within the noise of the measurement, " + noise if d.noise is not None
@@ -142,14 +224,44 @@ class Report:
                 f"{d.cause}, because {_CAUSE_EXPLAINED[d.cause]}, explains {_num(part, sign=True)}{share}, "
                 f"against {others}, and {noise}.")
 
+    def _sentence_without_fit(self, noise):
+        """The sentence when ``fit()``'s numbers are unknown: what training mode
+        and evaluate() say, and how much of their difference each of mode and
+        bn_ema explains."""
+        d = self.evidence
+        m, mode, bn_ema = d.metric, d.parts["mode"], d.parts["bn_ema"]
+        train = d.eval_train + mode + bn_ema
+        head = (f"Without fit()'s own numbers (pass history= to measure drift too): in training "
+                f"mode, as fit() computes its {m} but with the weights fit() ended with, the {m} "
+                f"is {_num(train)}, and evaluate() on the training data says {_num(d.eval_train)}: ")
+        parts = f"mode {_num(mode, sign=True)} and bn_ema {_num(bn_ema, sign=True)}"
+        difference = _num(mode + bn_ema, sign=True)
+        if d.cause == "none":
+            return (head + f"the difference, {difference}, and its parts ({parts}) are within "
+                    f"the noise of the measurement, {noise}, so only drift can make fit() "
+                    "report another number.")
+        part = d.parts[d.cause]
+        other = "bn_ema" if d.cause == "mode" else "mode"
+        share = f" ({100 * part / (mode + bn_ema):.0f}% of it)" if part / (mode + bn_ema) > 0 else ""
+        noise = f"a noise of {noise}" if d.noise is not None else f"no error bar for {m}"
+        return (head + f"a difference of {difference} (training mode - evaluate), of which "
+                f"{d.cause}, because {_CAUSE_EXPLAINED[d.cause]}, explains "
+                f"{_num(part, sign=True)}{share}, against {other} "
+                f"{_num(d.parts[other], sign=True)}, and {noise}.")
+
     @property
     def context(self):
-        """Sentences that qualify the diagnosis (possibly none): BN layers that
-        are all frozen, so BN cannot explain a gap; replicas whose BN moving
-        statistics diverged (:func:`bn_spread_noise`)."""
-        record = self._record(self.diagnosis.epoch)
+        """Sentences that qualify the diagnosis (possibly none): a probe that is
+        one draw of a pipeline; BN layers that are all frozen, so BN cannot
+        explain a gap; replicas whose BN moving statistics diverged
+        (:func:`bn_spread_noise`)."""
+        record = self._record(self.evidence.epoch)
         out = []
-        noise = bn_spread_noise(self.diagnosis.probe_size, self.diagnosis.z)
+        origin = self.history.tags.get(PROBE_ORIGIN_TAG)
+        if origin:
+            out.append(f"The probe, the training samples evaluate() is measured on every epoch, "
+                       f"is {origin}.")
+        noise = bn_spread_noise(self.evidence.probe_size, self.evidence.z)
         if record is not None and record.bn_spread is not None and record.bn_spread > noise:
             replicas = self.history.tags.get(REPLICAS_TAG, "several")
             out.append(
@@ -182,7 +294,7 @@ class Report:
         record = next((r for r in reversed(self.history.records) if r.returned), None)
         if not returned_as or record is None:
             return None
-        m = self.diagnosis.metric
+        m = self.evidence.metric
         which = (f"the weights of {returned_as}" if returned_as.startswith("epoch")
                  else "weights restored by a callback, which are no measured epoch's")
         value = record.returned.get(m, math.nan)
@@ -193,7 +305,7 @@ class Report:
     @property
     def remedy(self):
         """What to do about it (Markdown: code in backticks)."""
-        d, tags = self.diagnosis, self.history.tags
+        d, tags = self.evidence, self.history.tags
         if d.cause == "bn_ema" and not self._recalibrating_helps:
             return (f"Do not recalibrate: on the training data the moving averages happen to do "
                     f"better than BN statistics recomputed on it (`{metric_key(PRECISE_BN, d.metric)}` "
@@ -217,7 +329,9 @@ class Report:
             "mode": "Nothing to fix: Dropout and batch statistics are meant for training only "
                     "(expected and harmless). evaluate() runs the model as it will be used, and "
                     f"is the number to compare with validation (`{metric_key(EVAL_TRAIN, d.metric)}`).",
-            "none": "Nothing to do: fit() and evaluate() agree.",
+            "none": "Nothing to do: fit() and evaluate() agree." if d.fit_known else
+                    "Nothing to fix in the model's modes or BN statistics; pass fit()'s "
+                    "`history=` to see how much drift adds.",
             "nonfinite": "Check the data for NaN/inf (`np.isfinite(x).all()`), lower the learning "
                          "rate or clip the gradients (`clipnorm=1.0` in the optimizer), and add "
                          "`keras.callbacks.TerminateOnNaN()` to stop such a run at once.",
@@ -227,25 +341,28 @@ class Report:
     def _recalibrating_helps(self):
         """Whether PreciseBN's statistics do better on the probe than the moving
         averages: a lower ``precise_bn`` (a higher one for an accuracy)."""
-        d = self.diagnosis
+        d = self.evidence
         return d.parts["bn_ema"] > 0 if is_accuracy(d.metric) else d.parts["bn_ema"] < 0
 
     def table(self):
-        """Header and rows of the table, as text cells."""
-        header = ["metric", "fit", "evaluate", "gap", *PARTS, "noise (SE)"]
+        """Header and rows of the table, as text cells (``-``: not measured)."""
+        header = ["metric", *COLUMNS[:-1], "noise (SE)"]
         cells = []
         for row in self.rows:
-            cells.append([row["metric"], _num(row["fit"]), _num(row["eval_train"]),
+            cells.append([row["metric"], *(_num(row[c]) for c in COLUMNS[:4]),
                           *(_num(row[c], sign=True) for c in ("gap", *PARTS)),
-                          "-" if row["noise"] is None else _num(row["noise"])])
+                          _num(row["noise"])])
         return header, cells
 
     @property
     def note(self):
         """How to read the table (probe, identity, noise)."""
-        d = self.diagnosis
+        d = self.evidence
         n = d.probe_size or "n"
-        return (f"At epoch {d.epoch}, on {n} training samples (the probe). gap = fit - evaluate "
+        at = "After fit()" if d.epoch is None else f"At epoch {d.epoch}"
+        return (f"{at}, on {n} training samples (the probe). eval_train is evaluate() on "
+                "them, train_mode the same weights in training mode, precise_bn with BN "
+                "statistics recomputed on them. gap = fit - eval_train "
                 "= drift + mode + bn_ema. Noise: the standard error (SE) of evaluate's number, "
                 "std of the per-sample losses / sqrt(n) for the loss, sqrt(p (1 - p) / n) for an "
                 f"accuracy p; a gap and parts within {_standard_errors(d.z)} are within noise.")

@@ -6,15 +6,14 @@ epoch's metrics are one ``log_batch`` (a request per 1000 points, MLflow's
 limit), tags one ``log_batch``, a file one upload, a step image two uploads (the
 PNG and the preview MLflow's UI shows; a sender's first image also sets the
 run's images tag), the run's description a read and a write, the end of the run
-one update. Against an HTTP(S) tracking server
-each request is given at most :data:`REQUEST_TIMEOUT` seconds and is not retried
-by MLflow: the sender has its own REST store and uploads files itself, with
-MLflow's HTTP retries off (by default MLflow tries a request 8 times, minutes
-apart, each for up to 120 s: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
-``MLFLOW_HTTP_REQUEST_TIMEOUT``). The environment is left alone, so the user's
-own MLflow calls keep MLflow's settings. SQLite and file stores are local;
-other stores (``databricks``, cloud artifact stores) keep their own clients'
-policies.
+one update. Against an HTTP(S) tracking server each request is given at most
+:data:`REQUEST_TIMEOUT` seconds and is not retried by MLflow: the sender has its
+own REST store and uploads files itself, with MLflow's HTTP retries off (by
+default MLflow tries a request 8 times, minutes apart, each for up to 120 s:
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``). The
+environment is left alone, so the user's own MLflow calls keep MLflow's
+settings. SQLite and file stores are local; other stores (``databricks``, cloud
+artifact stores) keep their own clients' policies.
 
 **Retries.** :class:`BackgroundSender`, the training's sender thread, is the only
 place that retries: the same operation again, in order, after 0.5, 1 and 2 s,
@@ -28,7 +27,8 @@ server answered it, and each is idempotent: a metric point's timestamp is fixed
 when it is spooled (MLflow ignores a point identical to one it has), tags
 overwrite themselves with the same value, a file or image is uploaded under a
 name fixed when it is spooled and replaces itself, and the run is created once
-(its id is written to the spool's ``meta.json`` before anything else is sent).
+(its id is written to the spool's ``meta.json`` before anything else is sent;
+on a disk that refuses, it is kept in memory, see :mod:`gaptrack.outbox`).
 
 **What the user sees.** The first failed request of an outage is a
 :class:`TrackingWarning`, issued by the sender thread as soon as the request
@@ -40,15 +40,16 @@ the server answers again, after how long.
 
 import functools
 import hashlib
+import io
 import json
 import logging
-import os
 import posixpath
 import queue
-import re
+import tempfile
 import threading
 import time
 import warnings
+from pathlib import Path
 
 from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -70,8 +71,6 @@ from gaptrack.uris import describe_failure, redact_uri
 REQUEST_TIMEOUT = 10.0
 #: Seconds between tries of an operation that failed (the last one repeats).
 BACKOFF = (0.5, 1.0, 2.0, 5.0)
-#: What MLflow accepts as an image key (``MlflowClient.log_image``).
-IMAGE_KEY = re.compile(r"^[a-zA-Z0-9_\-./ ]+$")
 
 _logger = logging.getLogger(__name__)
 
@@ -100,20 +99,10 @@ class _BoundedRestStore(RestStore):
         return proto
 
 
-def step_image_name(key, step, timestamp, unique):
-    """The file name ``MlflowClient.log_image(run_id, image, key=key, step=step)``
-    gives a step image under ``images/`` (the UI's image charts parse it back)."""
-    return f"{key.replace('/', '~')}+step+{step}+timestamp+{timestamp}+{unique}.png"
-
-
 def _digest(text):
     """A short fingerprint of a description gaptrack wrote, kept as a tag so that
     a later write can tell its own description from one the user wrote."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
 
 
 class Sender:
@@ -121,10 +110,13 @@ class Sender:
     docstring). ``run_id`` and ``run_name`` are known once :meth:`ensure_run`
     returned (``run_id`` before, when the spool names a run to join)."""
 
-    def __init__(self, spool, tracking_uri):
+    def __init__(self, spool, meta, tracking_uri, disk_error=None):
         self.spool = spool
+        self.meta = meta
         self.tracking_uri = tracking_uri
-        self.run_id = spool.read_meta().get("run_id")
+        #: A refusal of the disk (the run id, an ack): raised, or given to this.
+        self.disk_error = disk_error
+        self.run_id = meta.get("run_id")
         self.run_name = None
         self._store = None
         self._artifacts = None
@@ -148,7 +140,7 @@ class Sender:
             return
         store = self._client()
         if self.run_id is None:
-            meta = self.spool.read_meta()
+            meta = self.meta
             experiment_id = meta.get("experiment_id") or self._experiment(meta["experiment_name"])
             tags = meta.get("run_tags") or {}
             start = meta.get("start_time") or int(time.time() * 1000)
@@ -156,8 +148,8 @@ class Sender:
                                    start_time=start,
                                    tags=[RunTag(k, v) for k, v in tags.items()],
                                    run_name=meta.get("run_name"))
-            meta["run_id"] = run.info.run_id
-            self.spool.write_meta(meta)
+            self.run_id = meta["run_id"] = run.info.run_id  # a retry creates no other run
+            self.write(self.spool.write_meta, meta)
         else:
             run = store.get_run(self.run_id)
         self.run_id, self.run_name = run.info.run_id, run.info.run_name
@@ -174,7 +166,8 @@ class Sender:
         store, kind = self._client(), op["type"]
         if kind == "metrics":
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
-            for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+            for i in range(0, max(len(metrics), 1), MAX_METRICS_PER_BATCH):
+                chunk = metrics[i:i + MAX_METRICS_PER_BATCH]
                 store.log_batch(self.run_id, metrics=chunk, params=[], tags=[])
         elif kind == "tags":
             self._set_tags(op["tags"])
@@ -182,9 +175,9 @@ class Sender:
             directory = op.get("dir")
             if directory is not None and safe_relative(directory) is None:
                 raise SyncError(f"artifact directory {directory!r} is not a relative path")
-            self._upload(self.spool.file(op["path"]), directory)
+            self._upload(self._content(op), posixpath.basename(op["path"]), directory)
         elif kind == "image":
-            self._send_image(self.spool.file(op["path"]))
+            self._send_image(self._content(op), posixpath.basename(op["path"]))
         elif kind == "description":
             tags = store.get_run(self.run_id).data.tags
             # only a note that is empty or that gaptrack wrote is replaced
@@ -193,48 +186,67 @@ class Sender:
                 self._set_tags({MLFLOW_RUN_NOTE: op["text"],
                                 DESCRIPTION_TAG: _digest(op["text"])})
         elif kind == "end":
-            store.update_run_info(self.run_id, RunStatus.from_string(op["status"]),
-                                  end_time=op["end_time"], run_name=None)
+            if op["status"] is not None:  # None: a joined run, which its owner ends
+                store.update_run_info(self.run_id, RunStatus.from_string(op["status"]),
+                                      end_time=op["end_time"], run_name=None)
         else:
             raise SyncError(f"unknown operation {kind!r} in {self.spool.dir}")
+
+    def write(self, method, *args):
+        """``method(*args)``, a write to the spool (see :attr:`disk_error`)."""
+        try:
+            method(*args)
+        except OSError as exc:
+            if self.disk_error is None:
+                raise
+            self.disk_error(exc)
+
+    def _content(self, op):
+        """The bytes of a file operation kept in memory, else its spooled file."""
+        data = op.get("data")
+        return data if isinstance(data, bytes) else self.spool.file(op["path"])
 
     def _set_tags(self, tags):
         self._client().log_batch(self.run_id, metrics=[], params=[],
                                  tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def _send_image(self, png):
+    def _send_image(self, png, name):
         """As ``MlflowClient.log_image(..., key=, step=)``: the PNG and a preview
         at most 256 pixels wide under ``images/``, and the run's images tag (once:
         MLflow sets it with every image, a request an epoch for nothing new)."""
         from mlflow.tracking.multimedia import compress_image_size
         from PIL import Image
 
-        preview = png.with_name(png.name[:-len(".png")] + "+compressed.webp")
-        with Image.open(png) as image:
-            compress_image_size(image).save(preview)
-        self._upload(png, "images")
-        self._upload(preview, "images")
+        preview = io.BytesIO()
+        with Image.open(io.BytesIO(png) if isinstance(png, bytes) else png) as image:
+            compress_image_size(image).save(preview, format="webp")
+        self._upload(png, name, "images")
+        self._upload(preview.getvalue(), name[:-len(".png")] + "+compressed.webp", "images")
         if not self._images_tagged:
             self._set_tags({MLFLOW_LOGGED_IMAGES: "True"})
             self._images_tagged = True
 
-    def _upload(self, local, directory):
-        if not isinstance(self._artifacts, HttpArtifactRepository):
-            self._artifacts.log_artifact(str(local), directory)
-            return
-        # MLflow's own upload (HttpArtifactRepository.log_artifact), bounded
-        name = os.path.basename(local)
-        endpoint = posixpath.join("/", *([directory] if directory else []), name)
-        with open(local, "rb") as f:
-            response = http_request(self._artifacts._host_creds, endpoint, "PUT", data=f,
-                                    extra_headers={"Content-Type": _guess_mime_type(name)},
-                                    max_retries=0, timeout=REQUEST_TIMEOUT)
-        augmented_raise_for_status(response)
+    def _upload(self, source, name, directory):
+        """Upload ``source`` (a spooled file, or bytes) as ``directory/name``."""
+        if isinstance(self._artifacts, HttpArtifactRepository):
+            # MLflow's own upload (HttpArtifactRepository.log_artifact), bounded
+            endpoint = posixpath.join("/", *([directory] if directory else []), name)
+            data = source.read_bytes() if isinstance(source, Path) else source
+            augmented_raise_for_status(http_request(
+                self._artifacts._host_creds, endpoint, "PUT", data=data,
+                extra_headers={"Content-Type": _guess_mime_type(name)}, max_retries=0,
+                timeout=REQUEST_TIMEOUT))
+        elif isinstance(source, Path):
+            self._artifacts.log_artifact(str(source), directory)
+        else:
+            with tempfile.TemporaryDirectory(prefix="gaptrack-") as tmp:
+                Path(tmp, name).write_bytes(source)
+                self._artifacts.log_artifact(str(Path(tmp, name)), directory)
 
 
-def _warn(message):
-    """A :class:`TrackingWarning` from the sender thread; when warnings are
-    turned into errors, a log line instead (the thread carries on)."""
+def warn_tracking(message):
+    """A :class:`TrackingWarning`, from any thread; when warnings are turned
+    into errors, a log line instead (the thread carries on)."""
     try:
         warnings.warn(message, TrackingWarning, stacklevel=3)
     except Exception:  # noqa: BLE001 - a warnings filter set to "error"
@@ -254,9 +266,9 @@ class BackgroundSender:
     exists on the server.
     """
 
-    def __init__(self, spool, tracking_uri):
-        self.sender = Sender(spool, tracking_uri)
-        self.sent = spool.acked()
+    def __init__(self, spool, meta, tracking_uri, disk_error):
+        self.sender = Sender(spool, meta, tracking_uri, disk_error)
+        self.sent = -1
         self.fatal = None
         self.run_ready = False
         self.stopped = False
@@ -297,7 +309,7 @@ class BackgroundSender:
                 if (op is None or self._stop.is_set()
                         or not self._deliver(functools.partial(self.sender.send, op))):
                     return
-                self.sender.spool.ack(op["seq"])
+                self.sender.write(self.sender.spool.ack, op["seq"])
                 self._update(sent=op["seq"])
         finally:
             self.sender.spool.unlock()
@@ -322,7 +334,7 @@ class BackgroundSender:
                     self._outage_start = time.monotonic()
                     then = ("the rest waits in the spool for `gaptrack sync`" if permanent
                             else "kept and retried in the background")
-                    _warn(f"gaptrack could not log to MLflow at "
+                    warn_tracking(f"gaptrack could not log to MLflow at "
                           f"{redact_uri(self.sender.tracking_uri)} ({text}); "
                           f"{self._queue.qsize() + 1} item(s) {then}")
                 if permanent:

@@ -1,4 +1,5 @@
-"""``gaptrack sync``: send what training could not (the server was away).
+"""``gaptrack sync``: send what training could not (the server was away), and
+end the runs of trainings that were killed.
 
 Each operation is tried once (no retries: run it again later), each request
 bounded by :data:`gaptrack.sender.REQUEST_TIMEOUT`; after the first failure that
@@ -11,14 +12,35 @@ A spool a training is still sending (its lock is held, see
 :mod:`gaptrack.spool`) is not sent twice: :func:`sync` waits up to
 :data:`LOCK_WAIT` seconds in all (time for a sender stopped at its close timeout
 to finish its last request), then reports the spool as being sent.
+
+**Torn tails.** Every whole record of a spool is sent; a torn tail (a process
+killed mid-write, a disk that filled) is dropped from the spool, with one line
+(logger ``gaptrack.sync``, level WARNING) saying how many bytes and which
+operation.
+
+**Killed trainings.** A spool without an end-of-run record, written on this
+host by a process that no longer exists (killed: preemption, the OOM killer,
+SIGKILL), is sent, then its run is ended as ``KILLED`` (its end time: the
+spool's last write) with the tag :data:`gaptrack.keys.LAST_EPOCH_TAG` giving the
+last epoch logged, and one line says so. A run the training joined rather than
+started (``GapTracker(run_id=...)``) gets the tag and keeps its status. A spool
+written on another host is sent and left as it is: whether its process lives
+cannot be told from here.
 """
 
+import contextlib
+import logging
+import os
+import socket
 import time
 from pathlib import Path
 
+from gaptrack.keys import LAST_EPOCH_TAG
 from gaptrack.sender import REQUEST_TIMEOUT, Sender
-from gaptrack.spool import Spool, SyncError, spool_root
+from gaptrack.spool import RECORDS, Spool, SyncError, spool_root
 from gaptrack.uris import check_tracking_uri, describe_failure
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["LOCK_WAIT", "SyncError", "sync"]
 
@@ -86,19 +108,63 @@ def sync(path=None, tracking_uri=None):
 
 def _send(spool, uri):
     """Send one locked spool: ``(run id, sent, error, permanent)``."""
-    sender, sent = Sender(spool, uri), 0
+    meta = spool.read_meta()
+    sender, sent = Sender(spool, meta, uri), 0
     acked = spool.acked()
+    ops, torn = spool.records()
+    if torn is not None:
+        last = ops[-1]["seq"] if ops else None
+        _logger.warning("gaptrack sync: %s: %s", spool.dir, torn.describe(last))
+        with contextlib.suppress(OSError):  # a spool on a read-only copy
+            spool.cut(torn)
     try:
-        for op in spool.ops():
+        for op in ops:
             if op["seq"] <= acked:
                 continue
             sender.send(op)
             spool.ack(op["seq"])
             sent += 1
         sender.ensure_run()
+        if not any(op["type"] == "end" for op in ops) and _process_gone(meta):
+            _end_killed(spool, sender, meta, ops)
     except SyncError:
         raise
     except Exception as exc:  # noqa: BLE001 - reported per spool; nothing is lost
         return (sender.run_id, sent, *describe_failure(exc))
     spool.remove()
     return sender.run_id, sent, None, False
+
+
+def _process_gone(meta):
+    """Whether the training that wrote the spool ran on this host and its
+    process no longer exists (a zombie is gone too)."""
+    if meta.get("host") != socket.gethostname() or not isinstance(meta.get("pid"), int):
+        return False
+    try:
+        os.kill(meta["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # another user's process
+    try:
+        with open(f"/proc/{meta['pid']}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def _end_killed(spool, sender, meta, ops):
+    """Tag the last epoch the killed training logged; end its run as KILLED."""
+    steps = [m[3] for op in ops if op["type"] == "metrics" for m in op["metrics"]]
+    last = str(max(steps)) if steps else "none"
+    sender.send({"type": "tags", "tags": {LAST_EPOCH_TAG: last}})
+    ended = meta.get("process_run")
+    if ended:
+        written = spool.dir / RECORDS
+        end_time = int((written if written.exists() else spool.dir).stat().st_mtime * 1000)
+        sender.send({"type": "end", "status": "KILLED", "end_time": end_time})
+    _logger.warning("gaptrack sync: %s: the training that logged run %s (process %s on %s) "
+                    "is gone without ending it: %s, last epoch logged: %s", spool.dir,
+                    sender.run_id, meta["pid"], meta["host"],
+                    "ended KILLED" if ended else "it joined the run, whose status is kept",
+                    last)

@@ -16,28 +16,36 @@ naming the ``gaptrack sync`` command that sends it later (:mod:`gaptrack.sync`).
 
 **Guarantees.** Every operation is in the spool before it is sent and is removed
 only once the server has acknowledged all operations, so no point is lost by a
-crash of the server or of the training; and every point reaches the server
-exactly once in effect (see :mod:`gaptrack.sender`). Credentials are never
+crash of the server or of the training (``gaptrack sync`` ends the run of a
+killed training as ``KILLED``); and every point reaches the server exactly once
+in effect (see :mod:`gaptrack.sender`). When the spool's disk is full or
+read-only, operations are kept in memory within a bound instead, and train end
+says what could not be kept (:mod:`gaptrack.outbox`); nothing of it raises. Credentials are never
 written to the spool: a tracking URI is stored without its user-info part, and
 MLflow reads the credentials from its own environment variables when sending.
 
 This module knows MLflow and pandas, not Keras.
 """
 
+import bisect
 import os
+import re
+import socket
 import threading
 import time
 import uuid
-import warnings
 
-from gaptrack.sender import IMAGE_KEY, BackgroundSender, TrackingWarning, step_image_name
-from gaptrack.spool import Spool, safe_relative
+from gaptrack.outbox import Outbox
+from gaptrack.sender import BackgroundSender, TrackingWarning, warn_tracking
+from gaptrack.spool import Spool, safe_relative, spool_root
 from gaptrack.uris import check_tracking_uri, redact_uri
 
 __all__ = ["DEFAULT_CLOSE_TIMEOUT", "RunLogger", "TrackingWarning"]
 
 #: Seconds :meth:`RunLogger.close` waits for the server at train end, by default.
 DEFAULT_CLOSE_TIMEOUT = 30.0
+#: What MLflow accepts as an image key (``MlflowClient.log_image``).
+IMAGE_KEY = re.compile(r"^[a-zA-Z0-9_\-./ ]+$")
 
 
 def _now_ms():
@@ -69,20 +77,26 @@ class RunLogger:
         self.tracking_uri = mlflow.get_tracking_uri()
         check_tracking_uri(self.tracking_uri)
         self.close_timeout = close_timeout
-        if run_id is None and mlflow.active_run() is not None:
-            run_id = mlflow.active_run().info.run_id
-        self.owns_run = run_id is None
+        active = mlflow.active_run()
+        self.owns_run = run_id is None and active is None
+        run_id = run_id or (active and active.info.run_id)
+        # the process ends the run it created or started (see gaptrack.sync)
         meta = {"tracking_uri": redact_uri(self.tracking_uri), "run_id": run_id,
-                "start_time": _now_ms()}
+                "start_time": _now_ms(), "host": socket.gethostname(), "pid": os.getpid(),
+                "process_run": self.owns_run or run_id == (active and active.info.run_id)}
         if self.owns_run:
             meta.update(_experiment(), run_tags=_run_tags())
-        self.spool = Spool.create(meta)
+        self.spool = Spool(spool_root() / uuid.uuid4().hex)
+        #: The spool, else memory (:mod:`gaptrack.outbox`).
+        self.outbox = Outbox(self.spool, meta)
         #: Queueing is safe from any thread (the epoch images are queued from
         #: their rendering thread): one operation's slot, file and entry at a time.
         self._lock = threading.RLock()
         self._seq = 0
+        self._submitted = []  # the seq of each operation given to the sender
         self._end_deadline = None
-        self._sender = BackgroundSender(self.spool, self.tracking_uri)
+        self._sender = BackgroundSender(self.spool, meta, self.tracking_uri,
+                                        self.outbox.refuse)
 
     @property
     def run_id(self):
@@ -100,47 +114,48 @@ class RunLogger:
 
     # -- queueing ----------------------------------------------------------------
 
-    def _enqueue(self, op):
+    def _enqueue(self, kind, data=None, name=None, **fields):
+        """Keep an operation (``data``: the bytes of its file ``name``) and queue
+        it for the sender."""
         with self._lock:
-            op["seq"] = self._seq
+            op = {"seq": self._seq, "type": kind}
+            if name is not None:
+                op["path"] = f"files/{self._seq}/{name}"
+            op.update(fields)
             self._seq += 1
-            self.spool.append(op)
-            self._sender.submit(op)
+            kept = self.outbox.keep(op, data, self._sender.sent)
+            if kept is not None:
+                self._submitted.append(op["seq"])
+                self._sender.submit(kept)
 
     def log_metrics(self, metrics, step):
         """Queue ``{key: value}`` at ``step`` (one ``log_batch`` request)."""
         timestamp = _now_ms()
-        self._enqueue({"type": "metrics", "metrics": [
-            [key, float(value), timestamp, int(step)] for key, value in metrics.items()]})
+        self._enqueue("metrics", metrics=[
+            [key, float(value), timestamp, int(step)] for key, value in metrics.items()])
 
     def set_tags(self, tags):
         """Queue tags (values made strings)."""
-        self._enqueue({"type": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+        self._enqueue("tags", tags={k: str(v) for k, v in tags.items()})
 
     def set_description(self, text):
         """Queue the run's description (the tag ``mlflow.note.content``, shown on
         the run's page). It is written only when, at send time, the run has no
         description, or the one gaptrack wrote before: a description the user
         wrote is kept."""
-        self._enqueue({"type": "description", "text": str(text)})
+        self._enqueue("description", text=str(text))
 
     def log_table(self, frame, artifact_path):
         """Queue a DataFrame as a Parquet artifact at ``dir/name.parquet``."""
-        self._log_file(artifact_path, lambda target: frame.to_parquet(target, index=False))
+        directory, name = _split_artifact_path(artifact_path)
+        self._enqueue("artifact", frame.to_parquet(None, index=False), name, dir=directory)
 
     def log_bytes(self, data, artifact_path):
         """Queue ``data`` (bytes, or text written as UTF-8) as the artifact
-        ``dir/name``, written straight into the spool."""
-        data = data.encode("utf-8") if isinstance(data, str) else data
-        self._log_file(artifact_path, lambda target: target.write_bytes(data))
-
-    def _log_file(self, artifact_path, write):
+        ``dir/name``."""
         directory, name = _split_artifact_path(artifact_path)
-        with self._lock:
-            target = self._file_slot(name)
-            write(target)
-            self._enqueue({"type": "artifact", "path": str(target.relative_to(self.spool.dir)),
-                           "dir": directory})
+        data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        self._enqueue("artifact", data, name, dir=directory)
 
     def log_image(self, image_bytes_png, key, step):
         """Queue a PNG image at ``step`` under ``key``, stored as
@@ -149,20 +164,13 @@ class RunLogger:
         if not IMAGE_KEY.match(key or ""):
             raise ValueError(f"image key must be letters, digits, '_', '-', '.', ' ' and "
                              f"'/', got {key!r}")
-        with self._lock:
-            target = self._file_slot(step_image_name(key, int(step), _now_ms(), uuid.uuid4()))
-            target.write_bytes(image_bytes_png)
-            self._enqueue({"type": "image", "path": str(target.relative_to(self.spool.dir))})
-
-    def _file_slot(self, name):
-        slot = self.spool.dir / "files" / str(self._seq)
-        slot.mkdir(parents=True)
-        return slot / name
+        name = step_image_name(key, int(step), _now_ms(), uuid.uuid4())
+        self._enqueue("image", bytes(image_bytes_png), name, key=key, step=int(step))
 
     @property
     def pending(self):
-        """Operations not yet acknowledged by the server."""
-        return self._seq - 1 - self._sender.sent
+        """Operations given to the sender and not yet acknowledged by the server."""
+        return len(self._submitted) - bisect.bisect_right(self._submitted, self._sender.sent)
 
     # -- the end -----------------------------------------------------------------
 
@@ -185,20 +193,21 @@ class RunLogger:
 
         Then the sender stops: what was not sent stays in the spool, handed over
         to ``gaptrack sync`` (a warning names the command) once the request in
-        flight, if any, has ended."""
-        if self.owns_run:
-            self._enqueue({"type": "end", "status": "FINISHED", "end_time": _now_ms()})
+        flight, if any, has ended. When the spool's disk refused writes, one
+        warning says what could not be kept (:mod:`gaptrack.outbox`)."""
+        self._enqueue("end", status="FINISHED" if self.owns_run else None,
+                      end_time=_now_ms())
         done = self.flush(self.remaining_budget())
+        lost = self.outbox.finish(self._sender.sent, self.run_id)
         self._sender.stop()
+        kept = self.pending - lost
         if done:
             self.spool.remove()
-        else:
+        elif kept and self.spool.exists():
             why = self._sender.fatal or f"in {self.close_timeout:g} s"
-            warnings.warn(
-                f"gaptrack could not send {self.pending} item(s) to MLflow ({why}); they "
-                f"are kept in {self.spool.dir}: run `gaptrack sync {self.spool.dir}` when "
-                "the server accepts them",
-                TrackingWarning, stacklevel=2)
+            warn_tracking(f"gaptrack could not send {kept} item(s) to MLflow ({why}); they "
+                          f"are kept in {self.spool.dir}: run `gaptrack sync {self.spool.dir}` "
+                          "when the server accepts them")
         return done
 
 
@@ -222,6 +231,12 @@ def _run_tags():
     from mlflow.tracking.context.registry import resolve_tags
 
     return {k: str(v) for k, v in resolve_tags().items()}
+
+
+def step_image_name(key, step, timestamp, unique):
+    """The file name ``MlflowClient.log_image(run_id, image, key=key, step=step)``
+    gives a step image under ``images/`` (the UI's image charts parse it back)."""
+    return f"{key.replace('/', '~')}+step+{step}+timestamp+{timestamp}+{unique}.png"
 
 
 def _split_artifact_path(path):

@@ -15,7 +15,7 @@ A scenario module has:
 - ``model(config, data) -> keras.Model``: compiled, built after the seed is set;
 - optionally ``fit(model, data, config, track)``, when training is not one
   ``model.fit`` on arrays (``track(probe_data)`` returns the run's
-  :class:`gaptrack.GapTracker`).
+  :class:`gaptrack.GapTracker`; or it turns on ``gaptrack.autolog()``).
 
 Scenario modules import Keras inside their functions, so that checking the
 parameters (and ``--help``) does not wait for TensorFlow to load.

@@ -124,7 +124,13 @@ def train(name, config, *, nested=False, run_name=None):
         keras.utils.set_random_seed(config["seed"])
         model = module.model(config, data)
         getattr(module, "fit", default_fit)(model, data, config, track)
-        log_new_params({"probe_samples": trackers[0].probe.size})
+        if trackers:
+            log_new_params({"probe_samples": trackers[0].probe.size})
+        else:  # gaptrack.autolog() tracked fit: the probe it drew, as logged
+            from gaptrack.keys import PROBE_SIZE_TAG
+
+            log_new_params({"probe_samples": mlflow.get_run(run.info.run_id).data.tags.get(
+                PROBE_SIZE_TAG, 0)})
         return run.info.run_id
 
 

@@ -29,9 +29,23 @@ of the same stream 1.7: evaluate much *worse* than fit, which Dropout cannot do
   ``fit/loss`` 0.20 against ``eval_train/loss`` 0.12. The BN staleness metrics
   show how far the frozen statistics are from the new data.
 
-The gap is measured on a fixed probe: the first ``probe_batches`` batches of the
-training pipeline (``GapTracker(dataset.take(probe_batches))``, read once), since
-a repeating pipeline has no end to measure on.
+The gap is measured on a fixed probe, since a repeating pipeline has no end to
+measure on. Two ways, chosen by ``pipeline``:
+
+- ``pipeline=take`` (the default): the first ``probe_batches`` batches of the
+  training pipeline, given to the tracker by hand
+  (``GapTracker(dataset.take(probe_batches))``, read once).
+- ``pipeline=oversampled``: the case as its user wrote it (seed 002),
+  ``gaptrack.autolog()`` on and ``fit(dataset, steps_per_epoch=...,
+  validation_data=..., callbacks=[EarlyStopping(restore_best_weights=True),
+  ModelCheckpoint(...)])``: autolog draws the probe once from a copy of the
+  pipeline (its first ``steps_per_epoch`` batches, at most ``probe_size``
+  samples; ``probe_batches`` is not used) and says so in a warning and in the
+  report; ``returned/*`` is the model ``fit()`` returns when EarlyStopping
+  (patience 3, on ``val_loss``) restored an earlier epoch. The validation data
+  are the data set's test split, the positive class against the rest, not
+  oversampled; the best checkpoint is logged as ``checkpoint/best.keras``.
+  ``-P epochs=15`` trains as long as the case did.
 
 Offline, the base is pretrained in the run: the data set's training samples are
 split in two, the even-indexed ones, without the positive class, pretrain a
@@ -60,10 +74,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from projects.params import Param, ParamError, common, flag, integer
+from projects.params import Param, ParamError, choice, common, flag, integer
 from projects.training import Data, load, log_input
 
 PRETRAIN = "pretrain"
+#: How the probe is given: by hand (``take``) or drawn by autolog (``oversampled``).
+PIPELINES = ("take", "oversampled")
+#: EarlyStopping's patience in the oversampled form.
+PATIENCE = 3
 
 
 def _base_weights(name, value):
@@ -89,6 +107,10 @@ PARAMS = {
     "freeze": flag(0),
     "base_weights": Param(PRETRAIN, _base_weights,
                           "pretrain, or the path of a .weights.h5 file"),
+    "pipeline": Param("take", choice("take", PIPELINES).convert,
+                      "take (GapTracker given the first probe_batches batches) or "
+                      "oversampled (seed 002: autolog draws the probe; validation data, "
+                      "EarlyStopping, ModelCheckpoint)"),
 }
 
 
@@ -102,7 +124,7 @@ class TransferData(Data):
 
 def data(config):
     full = load(config)
-    x = full.x if full.x.ndim == 4 else full.x[..., np.newaxis]
+    x = _with_channel(full.x)
     positive = config["positive_class"]
     if positive >= full.num_classes:
         raise ParamError(f"positive_class must be < {full.num_classes} (the classes of "
@@ -114,8 +136,19 @@ def data(config):
         if not np.any(y_task == label):
             raise ParamError(f"the transfer split of {len(x_task)} samples has no sample of "
                              f"{what}; raise samples")
-    return TransferData(full.name, full.source, x_task, y_task, None, full.num_classes,
+    validation = None
+    if config["pipeline"] == "oversampled":
+        from projects.datasets import load_dataset
+
+        test = load_dataset(config["dataset"], seed=config["seed"])
+        validation = (_with_channel(test.x_test), (test.y_test == positive).astype("float32"))
+    return TransferData(full.name, full.source, x_task, y_task, validation, full.num_classes,
                         full.size, pretrain=(x_pre[keep], y_pre[keep]))
+
+
+def _with_channel(x):
+    """Images with a channel axis (digits are 8x8)."""
+    return x if x.ndim == 4 else x[..., np.newaxis]
 
 
 def model(config, data):
@@ -197,5 +230,27 @@ def stream(data, config):
 
 def fit(model, data, config, track):
     dataset = stream(data, config)
-    model.fit(dataset, epochs=config["epochs"], steps_per_epoch=config["steps_per_epoch"],
-              callbacks=[track(dataset.take(config["probe_batches"]))], verbose=2)
+    if config["pipeline"] == "take":
+        model.fit(dataset, epochs=config["epochs"], steps_per_epoch=config["steps_per_epoch"],
+                  callbacks=[track(dataset.take(config["probe_batches"]))], verbose=2)
+        return
+    import tempfile
+
+    import gaptrack
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    validation = tf.data.Dataset.from_tensor_slices(data.validation).batch(config["batch_size"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "best.keras")
+        callbacks = [keras.callbacks.EarlyStopping(patience=PATIENCE, restore_best_weights=True),
+                     keras.callbacks.ModelCheckpoint(path, save_best_only=True)]
+        gaptrack.autolog(probe_size=config["probe_size"], seed=config["seed"])
+        try:
+            model.fit(dataset, epochs=config["epochs"],
+                      steps_per_epoch=config["steps_per_epoch"], validation_data=validation,
+                      callbacks=callbacks, verbose=2)
+        finally:
+            gaptrack.autolog(disable=True)
+        mlflow.log_artifact(path, "checkpoint")

@@ -447,3 +447,71 @@ def test_own_metric_trackers_are_not_reported_as_measured(sqlite_uri):
     logged, _ = histories(MlflowClient(), tracker.run_id)
     assert logged["fit/loss"][0] == history.history["loss"][0]
     assert not any(k.startswith(("eval_train/", "gap")) for k in logged)
+
+
+#: Trains with GapTracker(mlflow=False) in a fresh process and prints what it held,
+#: with every socket connection the process attempted.
+_IN_MEMORY = """
+import json, socket, sys
+attempts = []
+connect = socket.socket.connect
+socket.socket.connect = lambda self, address: attempts.append(repr(address)) or connect(
+    self, address)
+import keras
+import gaptrack
+from builders import blobs, mlp
+keras.utils.set_random_seed(0)
+x, y = blobs(128)
+model = mlp(bn=True, dropout=0.2)
+tracker = gaptrack.GapTracker((x, y), batch_size=32, mlflow=False)
+history = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[tracker])
+frame = tracker.to_frame()
+print(json.dumps({
+    "frame": {key: list(frame[key]) for key in frame.columns}, "index": list(frame.index),
+    "history": history.history, "run_id": tracker.run_id,
+    "evaluate": model.evaluate(x, y, verbose=0, return_dict=True),
+    "report": tracker.report().to_frame().to_dict(orient="index"),
+    "diagnosis": tracker.report().diagnosis,
+    "mlflow": sorted(m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")),
+    "attempts": attempts}))
+"""
+
+
+def test_without_mlflow_nothing_is_written_sent_or_imported(tmp_path):
+    """GapTracker(mlflow=False): the records in memory, as a frame and a report;
+    no run, no spool, no request, no file, and MLflow never imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    spool = tmp_path / "spool"
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "GAPTRACK_SPOOL_DIR": str(spool),
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    done = subprocess.run([sys.executable, "-c", _IN_MEMORY], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["mlflow"] == [] and out["attempts"] == [] and out["run_id"] is None
+    assert not spool.exists() and list(work.iterdir()) == []
+    frame, history = out["frame"], out["history"]
+    assert out["index"] == [0, 1, 2]
+    for m in ("loss", "accuracy"):
+        assert frame[f"fit/{m}"] == history[m]
+        assert frame[f"eval_train/{m}"][-1] == pytest.approx(out["evaluate"][m], abs=1e-6)
+        for f, e, g in zip(frame[f"fit/{m}"], frame[f"eval_train/{m}"], frame[f"gap/{m}"]):
+            assert g == f - e
+        assert out["report"][m]["gap"] == frame[f"gap/{m}"][-1]
+        assert out["report"][m]["bn_ema"] == frame[f"gap/{m}/bn_ema"][-1]
+    parts = {p: frame[f"gap/loss/{p}"][-1] for p in PARTS}
+    assert out["diagnosis"] in (max(parts, key=lambda p: abs(parts[p])), "none")
+
+
+def test_without_mlflow_a_run_id_is_refused():
+    with pytest.raises(ValueError, match="GapTracker\\(mlflow=False\\) logs to no run, so "
+                                         "run_id='abc' cannot be used"):
+        gaptrack.GapTracker(None, mlflow=False, run_id="abc")

@@ -40,6 +40,7 @@ def weights(model):
 @pytest.mark.parametrize("call, where", [
     (lambda m: gaptrack.measure(m, (X, Y)), "gaptrack.measure()"),
     (lambda m: gaptrack.recalibrate_bn(m, (X, Y)), "gaptrack.recalibrate_bn()"),
+    (lambda m: gaptrack.explain(m, (X, Y), batch_size=16), "gaptrack.explain()"),
     (lambda m: m.fit(X, Y, epochs=1, verbose=0, callbacks=[gaptrack.GapTracker((X, Y))]),
      "gaptrack.GapTracker"),
 ])

@@ -379,3 +379,25 @@ def test_eval_train_follows_evaluate_where_the_batching_changes_the_loss(case, b
     elif inference is None:  # the batching matters: one large batch would differ
         whole = model.evaluate(x, y, batch_size=150, verbose=0, return_dict=True)
         assert abs(whole["loss"] - expected["loss"]) > 1e-5 * expected["loss"]
+
+
+def test_a_measurement_shows_its_numbers_not_its_arrays():
+    """The notebook case: a deep BN model's measurement displays in a few lines."""
+    keras.utils.set_random_seed(0)
+    x, y = blobs(256)
+    model = mlp(bn=True, depth=20, width=32)
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    m = gaptrack.measure(model, (x, y), batch_size=64)
+    assert len(m.bn) == 20
+    text = repr(m)
+    assert len(text) < 2000 and "array(" not in text and "\n" not in text
+    for kind in ("eval_train", "train_mode", "precise_bn"):
+        values = getattr(m, kind)
+        assert f"{kind}={{'loss': {values['loss']:.4g}, 'accuracy': {values['accuracy']:.4g}}}" \
+            in text
+    assert "bn=<20 BN layers, 20 training>" in text
+    assert f"loss_standard_error={m.loss_standard_error:.4g}" in text
+    page = m._repr_html_()
+    assert len(page) < 4000 and "on 256 samples, training batch size 64" in page
+    for name in ("loss", "accuracy"):
+        assert f">{m.train_mode[name]:.4g}<" in page and f">{m.eval_train[name]:.4g}<" in page

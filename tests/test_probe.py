@@ -373,3 +373,89 @@ def test_a_pipeline_with_random_ops_is_named_and_a_clean_one_is_not():
         warnings.simplefilter("error")
         for clean in (base.batch(8), base.shuffle(32, seed=0).batch(8)):
             assert Probe.from_data(clean).size == 32
+
+
+# -- one draw of an infinite pipeline ---------------------------------------------------
+
+
+def oversampled(x, y, batch, seed=1):
+    """The seed's pipeline: each class shuffled and repeated, mixed half and half by
+    ``sample_from_datasets``, batched; ``seed=None``: no op seed."""
+
+    def one(label):
+        keep = y == label
+        pairs = tf.data.Dataset.from_tensor_slices((x[keep], y[keep]))
+        return pairs.shuffle(int(keep.sum()), seed=seed).repeat()
+
+    return tf.data.Dataset.sample_from_datasets([one(1), one(0)], [0.5, 0.5],
+                                                seed=seed).batch(batch)
+
+
+def first_pass(dataset, batches):
+    """The first ``batches`` batches of a pass of ``dataset``, concatenated."""
+    read = list(dataset.take(batches).as_numpy_iterator())
+    return np.concatenate([b[0] for b in read]), np.concatenate([b[1] for b in read])
+
+
+@pytest.mark.parametrize("seed", [1, None], ids=["op-seed", "global-seed"])
+def test_a_pipeline_draw_is_the_first_pass_of_a_copy_and_shifts_nothing(seed):
+    """Probe.from_pipeline reads a copy: the probe is the first batches a freshly
+    built pipeline yields (what fit's first epoch reads, seeds fixed), and the
+    pipeline's own first pass is still that one afterwards (a pass read from the
+    pipeline itself would have moved its shuffles on by one: checked)."""
+    from gaptrack.probe import ProbeWarning
+
+    x, y, _ = indexed(90)
+    y = (np.arange(90) % 9 == 0).astype("int64")  # 10 positives, oversampled to half
+    tf.random.set_seed(7)
+    fresh = first_pass(oversampled(x, y, 8, seed), 3)
+    tf.random.set_seed(7)
+    pipeline = oversampled(x, y, 8, seed)
+    with pytest.warns(ProbeWarning) as caught:
+        probe = Probe.from_pipeline(pipeline, steps=3)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "one fixed draw" in message and "first 3 batches (24 samples)" in message
+    assert "samples at random (RandomDataset, ShuffleDatasetV3)" in message
+    assert "gaptrack.autolog(probe=(x, y))" in message
+    assert probe.origin in message and probe.total is None
+    np.testing.assert_array_equal(probe.x, fresh[0])
+    np.testing.assert_array_equal(probe.y, fresh[1])
+    assert (probe.size, probe.dataset_batch_size) == (24, 8) and 0.3 < probe.y.mean() < 0.7
+    after = first_pass(pipeline, 3)
+    np.testing.assert_array_equal(after[0], fresh[0])
+    # the pitfall the copy avoids: a pass of the pipeline itself moves the next one on
+    assert not np.array_equal(first_pass(pipeline, 3)[0], fresh[0])
+
+
+def test_a_pipeline_draw_stops_at_the_probe_size_in_whole_batches():
+    """At most probe_size samples, whole batches (the first cut when it alone is
+    larger); no steps: no limit in batches; and a plain repeat is no random draw."""
+    x, y, _ = indexed(50)
+    pipeline = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(8)
+    with pytest.warns(UserWarning) as caught:
+        sizes = [Probe.from_pipeline(pipeline, None, n).size for n in (20, 24, 5)]
+        whole = Probe.from_pipeline(pipeline, steps=10, probe_size=1000)
+    assert sizes == [16, 24, 5]
+    assert whole.size == 80 and "its first 10 batches (80 samples)" in whole.origin
+    np.testing.assert_array_equal(whole.x[:, 0], np.arange(80) % 50)
+    assert not any("at random" in str(w.message) for w in caught)
+
+
+def test_a_pipeline_that_shares_state_with_fit_is_not_copied():
+    """A map() that draws from an iterator: a copy would advance it for fit too,
+    so there is no draw, and the error says why; GapTracker given an infinite
+    dataset keeps refusing it, suggesting take()."""
+    import gaptrack
+
+    labels = iter(tf.data.Dataset.range(10**6))
+    x, _, _ = indexed(20)
+    pipeline = tf.data.Dataset.from_tensor_slices(x).map(
+        lambda a: (a, labels.get_next() % 2)).repeat().batch(4)
+    before = next(labels).numpy()
+    with pytest.raises(ProbeError, match="cannot be copied without sharing state with fit.*"
+                                         "MapDataset reads a resource"):
+        Probe.from_pipeline(pipeline, steps=2)
+    assert next(labels).numpy() == before + 1  # nothing read from it
+    with pytest.raises(ProbeError, match=r"infinite tf.data.Dataset.*take\("):
+        gaptrack.GapTracker(pipeline.take(10).repeat())

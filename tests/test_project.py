@@ -47,12 +47,24 @@ SCENARIOS = {
                     metrics=["accuracy"], val=True, bn_layers=0),
     "softmax_only": dict(params={"epochs": 2, "samples": 200}, metrics=["accuracy"],
                          val=True, bn_layers=0, causes={"drift", "none"}),
-    "toy_binary": dict(params={"iterations": 4}, metrics=["binary_accuracy"], val=False,
-                       bn_layers=0, causes={"drift", "none"}),
+    # at learning rate 0.1 the model is right on its whole batch from iteration 24 (seed 0)
+    "toy_binary": dict(params={"iterations": 26, "learning_rate": 0.1},
+                       metrics=["binary_accuracy"], val=False, bn_layers=0,
+                       causes={"drift", "none"}),
     "transfer": dict(params={"epochs": 2, "samples": 300, "steps_per_epoch": 3,
                              "probe_batches": 2, "pretrain_epochs": 1},
                      metrics=["accuracy"], val=False, bn_layers=2, bn_trains=True),
+    # seed 002 as its user wrote it: autolog draws the probe from the pipeline
+    "transfer_oversampled": dict(scenario="transfer",
+                                 params={"epochs": 2, "samples": 300, "steps_per_epoch": 3,
+                                         "pretrain_epochs": 1, "pipeline": "oversampled"},
+                                 metrics=["accuracy"], val=True, bn_layers=2, bn_trains=True),
 }
+
+
+def scenario_of(name):
+    """The scenario a ``SCENARIOS`` entry trains (an entry may be one form of it)."""
+    return SCENARIOS[name].get("scenario", name)
 
 
 class Store:
@@ -124,9 +136,9 @@ LAUNCHES = {
     "main": ("main", {"epochs": 1, "depth": 2, "samples": 120}),
     "sweep": ("sweep", {"scenario": "dropout", "grid": "dropout=0.2,0.6;batch_size=16",
                         "epochs": 1, "samples": 100}),
-    **{name: ("train", {"scenario": name, **SCENARIOS[name]["params"]})
-       for name in ("deep_mlp", "transfer", "toy_binary", "batchnorm", "dropout", "dense_l2",
-                    "softmax_only")},
+    **{name: ("train", {"scenario": scenario_of(name), **SCENARIOS[name]["params"]})
+       for name in ("deep_mlp", "transfer", "transfer_oversampled", "toy_binary", "batchnorm",
+                    "dropout", "dense_l2", "softmax_only")},
     "bad_epochs": ("train", {"scenario": "dense_l2", "epochs": "two"}),
 }
 #: The launch run as a user would (see ``Store``).
@@ -277,7 +289,7 @@ def _expected_training_data(name):
     if name == "toy_binary":
         return None
     x, y = ds.x_train[:params["samples"]], ds.y_train[:params["samples"]]
-    if name == "transfer":
+    if scenario_of(name) == "transfer":
         return x[1::2, ..., np.newaxis], (y[1::2] == 0).astype("float32")
     split = {"deep_mlp": 0.1}.get(name, 0.2)
     n = int(math.floor(len(x) * (1 - split)))
@@ -340,7 +352,7 @@ def test_train_logs_params_and_the_training_data(scenario_run, name):
     expected = _expected_training_data(name)
     n_train = 160 if expected is None else len(expected[0])
 
-    assert params["scenario"] == name
+    assert params["scenario"] == scenario_of(name)
     for key, value in spec["params"].items():
         assert params[key] == str(value), key
     assert params["probe_size"] == "10000" and params["seed"] == "0"  # declared defaults
@@ -361,8 +373,51 @@ def test_train_logs_params_and_the_training_data(scenario_run, name):
     assert training.dataset.digest == mlflow.data.from_numpy(x, targets=y).digest
     if name == "transfer":  # the probe: 2 batches of 32 of the pipeline
         assert params["probe_samples"] == "64"
+    elif name == "transfer_oversampled":  # drawn by autolog: steps_per_epoch batches of 32
+        assert params["probe_samples"] == "96"
     else:
         assert params["probe_samples"] == str(n_train)
+
+
+@reads("transfer_oversampled")
+def test_transfer_oversampled_is_seed_002_under_autolog(scenario_run, tmp_path):
+    """pipeline=oversampled: gaptrack.autolog() drew the probe, the pipeline's
+    first steps_per_epoch batches (the tag and the report say it is one draw),
+    validation is the test split, and the checkpoint ModelCheckpoint kept (the
+    epoch of the lowest val/loss) is logged: evaluate() of it, computed here,
+    is that epoch's val/loss and, on the pipeline's first 3 batches rebuilt
+    here, its eval_train/loss."""
+    import keras
+
+    from projects import transfer
+    from projects.params import parse
+
+    store, _, run = scenario_run("transfer_oversampled")
+    tags = run.data.tags
+    assert tags["gaptrack.probe_size"] == "96"
+    assert "one fixed draw of the training pipeline, its first 3 batches" in \
+        tags["gaptrack.probe_origin"]
+    report = (Path(store.client.download_artifacts(run.info.run_id, "gaptrack/report/report.md",
+                                                    str(tmp_path)))).read_text()
+    assert "The probe, the training samples evaluate() is measured on every epoch, is one " \
+        "fixed draw" in report
+    assert run.data.params["validation_samples"] == str(len(_digits().x_test))
+
+    config, _ = parse([(k, str(v)) for k, v in SCENARIOS["transfer_oversampled"]["params"].items()],
+                      transfer.PARAMS)
+    data = transfer.data(config)
+    keras.utils.set_random_seed(config["seed"])  # as the run did: its first pass
+    batches = list(transfer.stream(data, config).take(3).as_numpy_iterator())
+    probe = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    model = keras.saving.load_model(store.client.download_artifacts(
+        run.info.run_id, "checkpoint/best.keras", str(tmp_path)))
+    val = store.history(run.info.run_id, "val/loss")
+    best = min(val, key=val.get)
+    evaluate = model.evaluate(*probe, batch_size=32, verbose=0)[0]
+    assert store.history(run.info.run_id, "eval_train/loss")[best] == pytest.approx(evaluate,
+                                                                                    rel=RTOL)
+    assert val[best] == pytest.approx(model.evaluate(*data.validation, batch_size=32,
+                                                     verbose=0)[0], rel=RTOL)
 
 
 @reads("dense_l2")
@@ -425,16 +480,90 @@ def test_toy_binary_reports_accuracy_before_the_update(scenario_run):
     is on that batch."""
     store, proc, run = scenario_run("toy_binary")
     rid = run.info.run_id
+    steps = range(SCENARIOS["toy_binary"]["params"]["iterations"])
     reported = store.history(rid, "fit/binary_accuracy")
     before = store.history(rid, "fit/binary_accuracy_before")
     loss, loss_before = store.history(rid, "fit/loss"), store.history(rid, "fit/loss_before")
-    assert set(store.history(rid, "fit/binary_accuracy_after")) == set(range(4))
-    for step in range(4):
+    assert set(store.history(rid, "fit/binary_accuracy_after")) == set(steps)
+    for step in steps:
         assert reported[step] == before[step]
         assert loss[step] == pytest.approx(loss_before[step], rel=RTOL)
         # a multiple of 1/32: accuracy on one batch of 32 points
         assert reported[step] * 32 == pytest.approx(round(reported[step] * 32), abs=1e-4)
-    assert "iteration 3: train_on_batch accuracy" in proc.stdout
+    assert f"iteration {steps[-1]}: train_on_batch accuracy" in proc.stdout
+
+
+def test_toy_binary_broadcast_accuracy_is_the_questions_call():
+    """The scenario's broadcast accuracy is the question's call, with model.predict,
+    on the scenario's model made right on every point: p² + (1 - p)² of numpy."""
+    import keras
+
+    from projects import toy_binary
+
+    config = {"seed": 0, "batch_size": 32, "learning_rate": 0.005, "iterations": 1}
+    data = toy_binary.data(config)
+    model = toy_binary.model(config, data)
+    first, last = model.layers[0], model.layers[-1]
+    first.set_weights([np.pad(np.ones((2, 1), "float32"), ((0, 0), (0, 11))),
+                       np.full(12, -30.0, "float32")])  # unit 0: relu(x0 + x1 - 30)
+    last.set_weights([np.pad(np.ones((1, 1), "float32"), ((0, 11), (0, 0))),
+                      np.array([-5.0], "float32")])
+    x, y = data.x[60:92], data.y[60:92]  # 20 zeros, then 12 ones
+    predictions = model.predict(x, verbose=0)
+    assert ((predictions[:, 0] > 0.5) == y).all()  # numpy: right on every point
+    question = keras.metrics.BinaryAccuracy()
+    question.update_state(np.expand_dims(y, axis=0), predictions)
+    p = np.mean(y)
+    assert toy_binary.broadcast_accuracy(model, x, y) == float(question.result()) == \
+        pytest.approx(p ** 2 + (1 - p) ** 2) == 0.53125
+
+
+@reads("toy_binary")
+def test_toy_binary_logs_the_question_accuracy_beside_the_true_one(scenario_run):
+    """The question's own metric call, (1, 32) labels against (32, 1) predictions,
+    is logged beside the true accuracy. Replayed here (same seed, same batches,
+    the predictions before and after each step), both equal numpy's; where the
+    model is right on its whole batch the question's value is p² + (1 - p)² of the
+    batch's labels and the true one 1, and where it is also right on all 160
+    points (the clusters separated) the drift is 0."""
+    import keras
+
+    from projects import toy_binary
+
+    store, proc, run = scenario_run("toy_binary")
+    rid = run.info.run_id
+    params = SCENARIOS["toy_binary"]["params"]
+    config = {"seed": 0, "batch_size": 32, **params}
+    data = toy_binary.data(config)
+    keras.utils.set_random_seed(0)
+    model = toy_binary.model(config, data)
+    rng = np.random.default_rng(0)
+    logged = {f"{kind}_{when}": store.history(rid, f"fit/{kind}_{when}")
+              for kind in ("binary_accuracy", "broadcast_accuracy") for when in ("before", "after")}
+    fit, evaluate = store.history(rid, "fit/binary_accuracy"), \
+        store.history(rid, "eval_train/binary_accuracy")
+    drift = store.history(rid, "gap/binary_accuracy/drift")
+    perfect, separated = [], []
+    for step in range(params["iterations"]):
+        index = rng.integers(0, len(data.x), 32)  # the scenario's batch
+        x, y = data.x[index], data.y[index]
+        for when in ("before", "after"):
+            if when == "after":
+                model.train_on_batch(x, y)
+            right = model.predict_on_batch(x)[:, 0] > 0.5
+            true, question = logged[f"binary_accuracy_{when}"], logged[f"broadcast_accuracy_{when}"]
+            assert true[step] == pytest.approx(np.mean(right == y)), (step, when)
+            assert question[step] == pytest.approx(np.mean(right[:, None] == y[None, :]))
+            if (right == y).all():
+                p = np.mean(y)
+                assert true[step] == 1.0
+                assert question[step] == pytest.approx(p ** 2 + (1 - p) ** 2, abs=1e-7)
+                perfect.append((step, when, int(y.sum()), question[step]))
+        if fit[step] == 1.0 and evaluate[step] == 1.0:
+            assert drift[step] == 0.0
+            separated.append(step)
+    assert len(perfect) >= 2 and separated, (perfect, separated)
+    assert "p² + (1 - p)²" in proc.stdout and "Which is which" in proc.stdout
 
 
 # -- main and sweep: grids as nested runs, ranked ---------------------------------

@@ -1,7 +1,11 @@
-"""A shared tracking server: many trainings at once, PostgreSQL, authentication."""
+"""A shared tracking server: many trainings at once, PostgreSQL, authentication;
+trainings killed outright, then one ``gaptrack sync``."""
 
 import json
 import os
+import random
+import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -10,6 +14,8 @@ from mlflow.tracking import MlflowClient
 
 import worker
 from conftest import MlflowServer
+from gaptrack.keys import LAST_EPOCH_TAG
+from gaptrack.sync import sync
 
 
 def start_workers(seeds, tracking_uri, tmp_path, extra_env=None, own=False):
@@ -124,3 +130,66 @@ def test_basic_auth_server(tmp_path, monkeypatch):
         assert any("gaptrack sync" in w for w in refused["warnings"])
     finally:
         server.stop()
+
+
+#: Trainings killed at random moments in :func:`test_trainings_killed_at_random_moments`.
+KILLS = 3
+
+
+def test_trainings_killed_at_random_moments_are_whole_and_killed_after_one_sync(
+        mlflow_server, tmp_path):
+    """Three trainings (each its own run, in an experiment of its own) killed
+    with SIGKILL at random moments, at once, then one ``sync``: every epoch a
+    training finished is on its run exactly once, with its loss, and every run
+    ends KILLED, tagged with its last epoch; the spools are gone."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    tag = uuid.uuid4().hex[:8]
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    procs = []
+    for i in range(KILLS):
+        env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server.url,
+                   MLFLOW_EXPERIMENT_NAME=f"killed-{tag}-{i}", GAPTRACK_SPOOL_DIR=str(spool))
+        progress = tmp_path / f"progress-{i}.txt"
+        procs.append((progress, worker.start(i, progress, env, tmp_path,
+                                             target=worker.train_until_killed)))
+    # the first killed at a random moment after its process started (most often
+    # before its first epoch ended), the others at one after their first epoch
+    delays = {i: rng.uniform(0.5, 3.0 if i == 0 else 4.0) for i in range(KILLS)}
+    begun, deadline = {}, time.monotonic() + 300
+    while delays:
+        assert time.monotonic() < deadline, "the workers did not start"
+        for i, (progress, proc) in enumerate(procs):
+            if i not in begun and (progress if i else proc.log).exists():
+                begun[i] = time.monotonic()
+            if i in delays and i in begun and time.monotonic() >= begun[i] + delays[i]:
+                os.kill(proc.process.pid, signal.SIGKILL)
+                del delays[i]
+        time.sleep(0.02)
+    for _, proc in procs:
+        assert proc.wait(timeout=30) == -signal.SIGKILL, f"random seed {seed}"
+    results = sync(spool)
+    assert [error for *_, error in results] == [None] * len(results), (seed, results)
+    assert not list(spool.glob("*/meta.json"))
+    client = MlflowClient(mlflow_server.url)
+    epochs_seen = []
+    for i, (progress, _) in enumerate(procs):
+        finished = [line.split() for line in progress.read_text().splitlines()] \
+            if progress.exists() else []
+        experiment = client.get_experiment_by_name(f"killed-{tag}-{i}")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        assert len(runs) == (1 if finished else len(runs)) <= 1, (seed, i, runs)
+        for run in runs:
+            points = client.get_metric_history(run.info.run_id, "fit/loss")
+            steps = [p.step for p in points]
+            # each finished epoch once, with its loss; at most one more, logged
+            # by the tracker before the kill came after it
+            assert steps == list(range(len(steps))), (seed, i, steps)
+            assert len(finished) <= len(steps) <= len(finished) + 1, (seed, i, steps)
+            assert [p.value for p in points[:len(finished)]] == [
+                float(loss) for _, loss in finished], (seed, i)
+            assert run.info.status == "KILLED", (seed, i)
+            assert run.data.tags[LAST_EPOCH_TAG] == (str(steps[-1]) if steps else "none")
+        epochs_seen.append(len(finished))
+    print(f"random seed {seed}: epochs finished before the kills {epochs_seen}")

@@ -118,7 +118,8 @@ def test_numbers_in_the_report_are_the_logged_metrics(bn_run):
     rows = table(markdown)
     assert list(rows) == ["loss", "accuracy"]
     for m, row in rows.items():
-        for column, key in (("fit", f"fit/{m}"), ("evaluate", f"eval_train/{m}"),
+        for column, key in (("fit", f"fit/{m}"), ("eval_train", f"eval_train/{m}"),
+                            ("train_mode", f"train_mode/{m}"), ("precise_bn", f"precise_bn/{m}"),
                             ("gap", f"gap/{m}"), *((p, f"gap/{m}/{p}") for p in PARTS)):
             assert float(row[column]) == printed(last(client, run_id, key)[1]), (m, column)
     p = last(client, run_id, "eval_train/accuracy")[1]
@@ -156,8 +157,14 @@ def test_cli_prints_the_report_and_writes_the_html(bn_run, tmp_path):
     result = CliRunner().invoke(main, ["report", run_id, "--tracking-uri", uri, "--html", str(out)])
     assert result.exit_code == 0, result.output
     markdown = mlflow.artifacts.load_text(f"runs:/{run_id}/{REPORT_DIR}/report.md")
-    assert result.stdout.splitlines() == [
-        line for line in markdown.rstrip("\n").split("\n") if not line.startswith("![")][:-1]
+    # the terminal shows the report the tracker logged, as plain text within 40 lines
+    report = gaptrack.load_run(run_id, uri).report
+    assert result.stdout == str(report) and len(result.stdout.splitlines()) < 40
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"gaptrack diagnosis: {report.diagnosis}  (run {run_id})"
+    assert " ".join(result.stdout.split()).count(report.sentence) == 1
+    assert report.sentence in markdown and report.remedy in markdown
+    assert not any(line.startswith(("#", "|", "![")) for line in lines)  # not Markdown
     assert out.read_text() == mlflow.artifacts.load_text(f"runs:/{run_id}/{REPORT_DIR}/report.html")
     assert f"wrote {out}" in result.stderr
 
@@ -225,13 +232,13 @@ def test_sentence_and_remedy_for_each_cause():
     assert (s["cause"], s["gap"], s["part"], s["share"]) == ("bn_ema", "+0.25", "-0.5", None)
 
     report = build_report(synthetic((0.015625, -0.0078125, 0.0), noise=0.03125))
-    assert report.diagnosis.cause == "none"
+    assert report.diagnosis == "none"
     assert "the gap, +0.007812, and its parts (drift +0.01562, mode -0.007812, bn_ema +0) " \
            "are within the noise of the measurement, ±0.03125" in report.sentence
     assert report.remedy.startswith("Nothing to do")
 
     report = build_report(synthetic((0.25, 0.0, 0.0), noise=0.03125, nan_fit_at=1))
-    assert report.diagnosis.cause == "nonfinite"
+    assert report.diagnosis == "nonfinite"
     assert report.sentence.startswith("At epoch 1, fit() reported loss nan and evaluate()")
     assert "TerminateOnNaN" in report.remedy
     assert Rendering(report).images["decomposition.png"].startswith(PNG)
@@ -271,7 +278,7 @@ def test_recalibration_is_advised_only_when_it_helps(sqlite_uri):
     record = tracker.records[-1]
     assert record.precise_bn["loss"] > record.eval_train["loss"]
     report = build_report(RunHistory("r", "r", tracker.records, {}))
-    assert report.diagnosis.cause == "bn_ema"
+    assert report.diagnosis == "bn_ema"
     assert report.remedy.startswith("Do not recalibrate")
     before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     gaptrack.recalibrate_bn(model, (x, y), batch_size=128)
@@ -308,3 +315,37 @@ def test_a_rendered_chart_frees_its_raster_at_once():
     assert list(images) == ["decomposition.png", "bn_staleness.png"]
     assert all(png.startswith(PNG) and png.endswith(b"IEND\xaeB`\x82") for png in images.values())
     assert left == before  # 6 figures drawn, none of their rasters alive
+
+
+def test_the_report_shows_itself_in_a_notebook_a_terminal_and_pandas(bn_run):
+    uri, run_id = bn_run
+    report = gaptrack.load_run(run_id).report
+    client = MlflowClient(uri)
+    frame = report.to_frame()
+    columns = ["fit", "train_mode", "precise_bn", "eval_train", "gap", *PARTS, "noise"]
+    assert list(frame.columns) == columns and list(frame.index) == ["loss", "accuracy"]
+    for m in frame.index:
+        for kind in ("fit", "train_mode", "precise_bn", "eval_train"):
+            assert frame.loc[m, kind] == last(client, run_id, f"{kind}/{m}")[1]
+        for p in PARTS:
+            assert frame.loc[m, p] == last(client, run_id, f"gap/{m}/{p}")[1]
+    assert frame.loc["loss", "noise"] == last(client, run_id, "noise/loss")[1]
+
+    page = report._repr_html_()
+    assert html.escape(report.sentence) in page and "What to do:" in page
+    header, cells = report.table()
+    assert header == ["metric", *columns[:-1], "noise (SE)"]
+    plain = re.sub(r"<t([hd]) [^>]*>", r"<t\1>", page)
+    for tag, row in [("h", header), *(("d", r) for r in cells)]:
+        assert "".join(f"<t{tag}>{html.escape(c)}</t{tag}>" for c in row) in plain
+    [png] = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert base64.b64decode(png).startswith(PNG)
+    # light and dark themes: no colour of text is set, nor a style sheet that would
+    assert "<style" not in page and not re.search(r"(?<![-\w])color\s*:", page)
+
+    text = str(report)
+    assert len(text.splitlines()) < 40 and max(map(len, text.splitlines())) <= 100
+    assert text.startswith(f"gaptrack diagnosis: {report.diagnosis}  (run {run_id})\n")
+    assert "| " + " | ".join(header) + " |" in report.to_markdown()
+    assert repr(report) == (f"<gaptrack.Report diagnosis='{report.diagnosis}' metric='loss' "
+                            f"epoch=2 run='{run_id}'>")

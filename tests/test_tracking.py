@@ -119,7 +119,7 @@ def test_server_unreachable_for_the_whole_run_then_sync(mlflow_server, tmp_path,
         assert spool.exists() and tracker.run_id is None
         meta = json.loads((spool / "meta.json").read_text())
         assert meta["tracking_uri"] == f"http://127.0.0.1:{port}"
-        kept = (spool / "ops.jsonl").read_text()
+        kept = (spool / "ops.log").read_bytes()
         backup = tmp_path / "spool-copy"
         shutil.copytree(spool, backup)
 
@@ -134,7 +134,7 @@ def test_server_unreachable_for_the_whole_run_then_sync(mlflow_server, tmp_path,
         [line] = result.output.splitlines()
         assert line.startswith(f"run not created: 0 operation(s) sent from {spool}, then stopped")
         assert line.endswith("/api/2.0/mlflow/runs/create failed: no answer in time")
-        assert (spool / "ops.jsonl").read_text() == kept and not (spool / "acked").exists()
+        assert (spool / "ops.log").read_bytes() == kept and not (spool / "acked").exists()
 
         proxy = SlowProxy(int(mlflow_server.url.rsplit(":", 1)[1]), delay=0.0, port=port)
         try:

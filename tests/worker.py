@@ -1,4 +1,4 @@
-"""One tracked training in its own process, for the concurrency and auth tests.
+"""One tracked training in its own process, for the concurrency, auth and kill tests.
 
 Usage: python worker.py SEED OUT.json [own]  (tracking URI from MLFLOW_TRACKING_URI)
 With ``own`` the tracker creates the run itself; otherwise the worker starts it
@@ -13,6 +13,7 @@ workers on 2 cores. Each worker is still a process of its own, with its own
 environment, working directory, MLflow client and connections.
 """
 
+import functools
 import json
 import os
 import sys
@@ -51,6 +52,23 @@ def main(seed, out, own=False):
                                 if issubclass(w.category, gaptrack.tracking.TrackingWarning)]}, f)
 
 
+def train_until_killed(seed, progress):
+    """Train a tracked model (its own run) for as many epochs as it is given
+    time; after the tracker's ``on_epoch_end``, each epoch appends
+    ``epoch loss`` to ``progress`` (the page cache keeps it when the process is
+    killed)."""
+    keras.utils.set_random_seed(seed)
+    x, y = blobs(48, seed=seed)
+
+    def done(epoch, logs):
+        with open(progress, "a") as f:
+            f.write(f"{epoch} {logs['loss']!r}\n")
+
+    mlp(bn=True).fit(x, y, batch_size=16, epochs=10_000, verbose=0, callbacks=[
+        gaptrack.GapTracker((x, y), batch_size=16),
+        keras.callbacks.LambdaCallback(on_epoch_end=done)])
+
+
 class Worker:
     """A started worker (:func:`start`): :attr:`output` once :meth:`wait` returned."""
 
@@ -68,17 +86,17 @@ class Worker:
         if self.returncode is None:
             self.process.kill()
             self.process.join()
-        self.output = self.log.read_text(errors="replace")
+        self.output = self.log.read_text(errors="replace") if self.log.exists() else ""
         return self.returncode
 
 
 _CONTEXT = None
 
 
-def start(seed, out, env, cwd, own=False):
-    """:func:`main` in a new process, given the whole environment ``env`` and the
-    working directory ``cwd``; its output (stdout and stderr) goes to a file beside
-    ``out``."""
+def start(seed, out, env, cwd, own=False, target=None):
+    """:func:`main` (or ``target(seed, out)``) in a new process, given the whole
+    environment ``env`` and the working directory ``cwd``; its output (stdout and
+    stderr) goes to a file beside ``out``."""
     import multiprocessing
 
     global _CONTEXT
@@ -86,20 +104,21 @@ def start(seed, out, env, cwd, own=False):
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["worker"])
     log = out.with_suffix(".log")
-    process = _CONTEXT.Process(target=_run, args=(seed, str(out), dict(env), str(cwd),
-                                                  str(log), own), daemon=True)
+    call = target or functools.partial(main, own=own)
+    process = _CONTEXT.Process(target=_run, args=(call, seed, str(out), dict(env), str(cwd),
+                                                  str(log)), daemon=True)
     process.start()
     return Worker(process, log)
 
 
-def _run(seed, out, env, cwd, log, own):
+def _run(call, seed, out, env, cwd, log):
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
     with open(log, "wb", buffering=0) as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
-    main(seed, out, own=own)
+    call(seed, out)
 
 
 if __name__ == "__main__":
