@@ -25,27 +25,37 @@ untouched. (``GapTracker(data)`` built by hand refuses such data at once.)
 """
 
 import collections.abc
-import functools
-import inspect
+import importlib
+import importlib.util
+import os
+import sys
 import warnings
 
 import keras
 
 from gaptrack.callback import GapTracker
 from gaptrack.fitparams import KERAS_DEFAULT_BATCH_SIZE
+from gaptrack.fitpatch import FitPatch
+from gaptrack.keras3 import require_keras3
 from gaptrack.probe import (Probe, ProbeError, ProbeWarning, _is_py_dataset, _is_tf_dataset,
                             check_positive_int)
 
-_original_fit = None
 _settings = {}
+#: ``[patch of keras.Model.fit, patch of tf_keras.Model.fit]`` once enabled.
+_patches = []
 
 
 def autolog(disable=False, *, probe=None, probe_size=None, every=1, seed=0,
             bn_snapshots=True):
     """Track every ``keras.Model.fit`` call with a :class:`GapTracker`.
 
+    It composes with ``mlflow.keras.autolog()`` and ``mlflow.tensorflow.autolog()``,
+    enabled before or after it (:mod:`gaptrack.fitpatch`): one run then holds
+    MLflow's keys and gaptrack's. A ``tf_keras`` (Keras 2) model's ``fit`` is
+    refused with :class:`gaptrack.keras3.Keras2ModelError` before it trains.
+
     Args:
-        disable: ``True`` restores the original ``fit``.
+        disable: ``True`` stops tracking (MLflow's patches, if any, stay).
         probe: data to measure on instead of ``fit``'s training data (e.g. for
             a generator): anything :class:`GapTracker` accepts as ``data``.
         probe_size, every, seed, bn_snapshots: as for :class:`GapTracker`.
@@ -56,11 +66,9 @@ def autolog(disable=False, *, probe=None, probe_size=None, every=1, seed=0,
         >>> model.fit(x, y, epochs=5)           # tracked in the active MLflow run
         >>> gaptrack.autolog(disable=True)
     """
-    global _original_fit
     if disable:
-        if _original_fit is not None:
-            keras.Model.fit = _original_fit
-            _original_fit = None
+        for patch in _patches:
+            patch.disable()
         return
     # refused here, not warned about inside fit (where a ProbeError means "cannot measure")
     if probe_size is not None:
@@ -69,23 +77,34 @@ def autolog(disable=False, *, probe=None, probe_size=None, every=1, seed=0,
     _settings.clear()
     _settings.update(probe=probe, probe_size=probe_size, every=every, seed=seed,
                      bn_snapshots=bn_snapshots)
-    if _original_fit is not None:
-        return
-    original = keras.Model.fit
-    signature = inspect.signature(original)
+    if not _patches:
+        _patches.append(FitPatch(keras.Model, _callback_for))
+    legacy = _legacy_keras()
+    if len(_patches) == 1 and legacy is not None:
+        _patches.append(FitPatch(legacy.Model, _refuse))
+    for patch in _patches:
+        patch.enable()
 
-    @functools.wraps(original)
-    def fit(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        arguments = bound.arguments
-        callbacks = list(arguments.get("callbacks") or [])
-        if not any(isinstance(c, GapTracker) for c in callbacks):
-            callbacks.append(_tracker_for(arguments))
-            arguments["callbacks"] = callbacks
-        return original(*bound.args, **bound.kwargs)
 
-    keras.Model.fit = fit
-    _original_fit = original
+def _legacy_keras():
+    """The ``tf_keras`` module (Keras 2) when its models can be trained here: it
+    is imported, or ``TF_USE_LEGACY_KERAS`` is set (TensorFlow's ``tf.keras`` is
+    then ``tf_keras``) and it is installed; else ``None``."""
+    legacy = os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true")
+    if "tf_keras" not in sys.modules and not (legacy and importlib.util.find_spec("tf_keras")):
+        return None
+    return importlib.import_module("tf_keras")
+
+
+def _refuse(arguments):
+    require_keras3(arguments["self"], "gaptrack.autolog()")
+
+
+def _callback_for(arguments):
+    """The tracker for one ``fit`` call, unless it has one among its callbacks."""
+    if any(isinstance(c, GapTracker) for c in arguments.get("callbacks") or ()):
+        return None
+    return _tracker_for(arguments)
 
 
 def _tracker_for(arguments):

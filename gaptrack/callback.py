@@ -63,6 +63,7 @@ from gaptrack.decompose import add_measurement, summarize
 from gaptrack.distribute import replication
 from gaptrack.measurement import Measurer
 from gaptrack.fitparams import check_steps, guess_batch_size
+from gaptrack.keras3 import require_keras3
 from gaptrack.labels import check_labels
 from gaptrack.probe import Probe, check_positive_int
 from gaptrack.record import EpochRecord, RunHistory
@@ -174,6 +175,11 @@ class GapTracker(keras.callbacks.Callback):
         return self.logger.run_id if self.logger else self._given_run_id
 
     # -- Keras hooks -------------------------------------------------------------
+
+    def set_model(self, model):
+        # the first hook Keras calls: a Keras 2 model is refused before anything fails
+        require_keras3(model, "gaptrack.GapTracker")
+        super().set_model(model)
 
     def on_train_begin(self, logs=None):
         if self.mlflow:

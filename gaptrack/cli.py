@@ -1,7 +1,6 @@
 """The ``gaptrack`` command: a thin layer over the Python API."""
 
 import contextlib
-import math
 import sys
 from pathlib import Path
 
@@ -38,12 +37,21 @@ def main():
                    "else table].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write to this file instead of standard output.")
+@click.option("--columns", "extra_columns", default="", metavar="NAMES",
+              help="More columns for the table, comma-separated (run_id, experiment, status, "
+                   "gap_final, gap_max_abs, gap_mean_abs).")
+@click.option("--params", "params", default="", metavar="NAMES",
+              help="Run params to add to the table, comma-separated (e.g. batch_size,lr).")
 @click.option("--log-report", is_flag=True,
               help="Also log the ranking (CSV, HTML, gap curves PNG) as an MLflow run "
                    "in the first experiment.")
 def compare(experiments, metric, by, filter_string, top_k, tracking_uri, fmt, output,
-            log_report):
+            extra_columns, params, log_report):
     """Rank runs by how far fit() and evaluate() disagree, largest gap first.
+
+    The table fits the terminal's width (COLUMNS): rank, run name, fit,
+    eval_train, the gap and its parts, the diagnosis; --columns and --params
+    add more. csv, json and markdown have every column.
 
     Notes (untracked runs left out, the report run) go to standard error, so
     that standard output stays machine-readable.
@@ -58,7 +66,13 @@ def compare(experiments, metric, by, filter_string, top_k, tracking_uri, fmt, ou
         raise click.ClickException(str(e)) from None
     if fmt is None:
         fmt = _SUFFIX_FORMATS.get(output.suffix.lower(), "table") if output else "table"
-    text = _render(ranking, fmt)
+    from gaptrack import ranktable
+
+    try:
+        table = ranktable.select(ranking, _names(extra_columns), _names(params))
+    except ranktable.ColumnError as e:
+        raise click.ClickException(str(e)) from None
+    text = _render(ranking, table, fmt)
     if output is None:
         click.echo(text, nl=False)
     else:
@@ -75,23 +89,22 @@ def compare(experiments, metric, by, filter_string, top_k, tracking_uri, fmt, ou
         click.echo(f"report logged as run {run_id} in experiment id {experiment_id}", err=True)
 
 
-def _render(ranking, fmt):
-    """The ranking as text in ``fmt`` (one of ``_FORMATS``)."""
+def _names(text):
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _render(ranking, table, fmt):
+    """The ranking as text in ``fmt`` (one of ``_FORMATS``): ``table`` (its chosen
+    columns) for the terminal, every column otherwise."""
+    from gaptrack import ranktable
+
     if fmt == "csv":
         return ranking.to_csv(index=False)
     if fmt == "json":
         return ranking.to_json(orient="records", indent=2) + "\n"
-    header = list(ranking.columns)
-    rows = [[_cell(v) for v in row] for row in ranking.itertuples(index=False)]
     if fmt == "markdown":
-        lines = [header, ["---"] * len(header), *rows]
-        return "".join("| " + " | ".join(c.replace("|", "\\|") for c in line) + " |\n"
-                       for line in lines)
-    numeric = [ranking[c].dtype.kind in "iuf" for c in header]
-    widths = [max(len(c) for c in column) for column in zip(header, *rows)]
-    return "".join("  ".join(c.rjust(w) if num else c.ljust(w)
-                             for c, w, num in zip(line, widths, numeric)).rstrip() + "\n"
-                   for line in [header, *rows])
+        return ranktable.markdown(ranking)
+    return ranktable.terminal(table)
 
 
 @main.command()
@@ -146,15 +159,6 @@ def sync(spool, tracking_uri):
         click.echo("nothing to sync", err=True)
     if any(error for *_, error in results):
         sys.exit(1)
-
-
-def _cell(value):
-    """A value as table text: floats to 4 significant digits, missing as empty."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 if __name__ == "__main__":

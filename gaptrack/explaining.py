@@ -19,6 +19,7 @@ from keras import tree
 from gaptrack import keras_private
 from gaptrack.decompose import add_measurement
 from gaptrack.distribute import replication
+from gaptrack.keras3 import require_keras3
 from gaptrack.keys import BATCH_SIZE_TAG, PROBE_SIZE_TAG, REPLICAS_TAG
 from gaptrack.measurement import Measurer
 from gaptrack.probe import Probe, check_positive_int
@@ -65,6 +66,7 @@ def explain(model, data, *, batch_size, history=None, probe_size=None, seed=0,
             not one of the accepted forms or not this model's, or ``data`` does
             not fit the model's inputs; raised before anything is measured.
     """
+    require_keras3(model, "gaptrack.explain()")
     batch_size = check_positive_int("batch_size", batch_size, ExplainError)
     fit, val, epoch = _fit_side(history, model)
     probe = Probe.from_data(data, probe_size=probe_size, seed=seed)

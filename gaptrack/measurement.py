@@ -43,6 +43,7 @@ from gaptrack import keras_private
 from gaptrack import passes as compiled
 from gaptrack.bn import BNStatistics, find_bn_layers
 from gaptrack.distribute import bn_spread, replication
+from gaptrack.keras3 import require_keras3
 from gaptrack.labels import check_labels
 from gaptrack.probe import Probe, check_positive_int
 
@@ -151,6 +152,7 @@ class Measurer:
     """
 
     def __init__(self, model, batch_size, seed=0, inference_batch_size=None, loss=None):
+        require_keras3(model, "gaptrack")
         backend = compiled.backend()
         if backend not in compiled.BACKENDS:
             raise MeasureError(
@@ -442,6 +444,7 @@ def measure(model, data, batch_size=32, *, probe_size=None, seed=0, inference_ba
         >>> m.eval_train["loss"], m.train_mode["loss"], m.precise_bn
         (0.3012, 0.3551, None)
     """
+    require_keras3(model, "gaptrack.measure()")
     probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
     return Measurer(model, batch_size, seed=seed, inference_batch_size=inference_batch_size,
                     loss=loss).measure(probe)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from gaptrack.bn import staleness
+from gaptrack.keras3 import require_keras3
 from gaptrack.measurement import Measurer
 from gaptrack.probe import Probe
 
@@ -43,6 +44,7 @@ def recalibrate_bn(model, data, batch_size=32, *, probe_size=None, seed=0):
         >>> table = gaptrack.recalibrate_bn(model, (x_train, y_train), batch_size=512)
         >>> model.evaluate(x_train, y_train)   # now with accurate BN statistics
     """
+    require_keras3(model, "gaptrack.recalibrate_bn()")
     probe = Probe.from_data(data, probe_size=probe_size, seed=seed)
     measurer = Measurer(model, batch_size, seed=seed)
     _, population, trains_list = measurer.train_mode_pass(probe)

@@ -19,9 +19,6 @@ from projects.params import ParamError
 
 #: The ranking as a table artifact, beside ``ranking.csv``.
 RANKING_TABLE = "ranking.json"
-#: The ranking's columns printed, before the grid's parameters.
-COLUMNS = ("rank", "run_name", "fit", "eval_train", "gap_final", "drift", "mode", "bn_ema",
-           "diagnosis")
 
 
 def parse_grid(text, params, what):
@@ -92,7 +89,9 @@ def run_grid(entry_point, scenario, fixed, grid, metric, parent_params):
 
 
 def format_ranking(ranking, param_names=()):
-    """The ranking's main columns (and the given params) as a text table."""
-    columns = [*COLUMNS, *(f"params.{p}" for p in param_names if f"params.{p}" in ranking)]
-    table = ranking[columns].rename(columns=lambda c: c.removeprefix("params."))
-    return table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    """The ranking's terminal columns (and the given params) as a text table,
+    as ``gaptrack compare`` prints it (:mod:`gaptrack.ranktable`)."""
+    from gaptrack import ranktable
+
+    present = [p for p in param_names if f"params.{p}" in ranking]
+    return ranktable.terminal(ranktable.select(ranking, params=present)).rstrip("\n")

@@ -8,6 +8,7 @@ history) come from ``test_compare``.
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -21,12 +22,17 @@ from conftest import REPO, free_port
 from mlflow.tracking import MlflowClient
 
 from gaptrack.cli import main
+from tables import decimals, read_table
 from test_compare import expected_order, fill, log_run, uri  # noqa: F401  (uri: fixture)
 
 
 @pytest.fixture
 def store(uri):  # noqa: F811
     return fill(uri)
+
+
+def ids_by_name(store):
+    return {r.info.run_name: r.info.run_id for r in store.client.search_runs([store.experiment_id])}
 
 
 def compare(*args, env=None):
@@ -53,10 +59,12 @@ def test_formats_give_the_ranking(store):
     assert [r["run_id"] for r in records] == expected
     assert records[0]["gap_max_abs"] == pytest.approx(csv.gap_max_abs[0])
 
-    table = compare(*common).stdout.splitlines()
-    assert table[0].split()[:5] == ["rank", "run_id", "run_name", "experiment", "status"]
-    assert [line.split()[1] for line in table[1:]] == expected
-    assert [int(line.split()[0]) for line in table[1:]] == list(range(1, 8))
+    columns, rows = read_table(compare(*common, "--columns", "run_id",
+                                       env={"COLUMNS": "200"}).stdout)
+    assert columns == ["rank", "run_name", "fit", "eval_train", "gap", "gap_max_abs", "drift",
+                       "mode", "bn_ema", "diagnosis", "run_id"]
+    assert [row[-1] for row in rows] == expected
+    assert [int(row[0]) for row in rows] == list(range(1, 8))
 
     markdown = compare(*common, "-f", "markdown").stdout.splitlines()
     assert markdown[0].startswith("| rank | run_id | run_name |")
@@ -68,7 +76,8 @@ def test_top_k_filter_and_output_file(store, tmp_path):
     sgd = expected_order(store.client, store.sgd, "loss", "final")
     for name, parse in (("out.csv", pd.read_csv), ("out.json", pd.read_json),
                         ("out.md", lambda p: [l.split(" | ")[1] for l in open(p)][2:]),
-                        ("out.txt", lambda p: [l.split()[1] for l in open(p)][1:])):
+                        ("out.txt", lambda p: [ids_by_name(store)[row[1]]
+                                               for row in read_table(open(p).read())[1]])):
         result = compare("-e", store.name, "--filter", "params.optimizer = 'sgd'", "-k", "2",
                          "-o", str(tmp_path / name), "--tracking-uri", store.uri)
         assert result.exit_code == 0, result.output
@@ -144,13 +153,15 @@ def test_errors_are_one_message_without_traceback(store, tmp_path):
         assert isinstance(result.exception, SystemExit), case
 
 
-def run_cli(commands, tracking_uri):
+def run_cli(commands, tracking_uri, envs=None):
     """``gaptrack compare`` with each of ``commands`` (argument lists), each in a
-    process of its own, all at once: ``[(exit code, stdout, stderr)]``."""
+    process of its own (with the variables of ``envs[i]``), all at once:
+    ``[(exit code, stdout, stderr)]``."""
     procs = [subprocess.Popen([sys.executable, "-m", "gaptrack.cli", "compare", *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
-             for args in commands]
+                              cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+                                             **(envs[i] if envs else {})})
+             for i, args in enumerate(commands)]
     outputs = [proc.communicate(timeout=120) for proc in procs]  # (stdout, stderr)
     return [(proc.returncode, *output) for proc, output in zip(procs, outputs)]
 
@@ -170,6 +181,41 @@ def test_subprocess(store, tmp_path):
         assert code != 0, case
         assert message in err, (case, err)
         assert "Traceback" not in err, case
+
+
+def test_the_table_fits_the_terminal_with_the_stores_numbers(sqlite_uri):
+    """In real processes at three terminal widths: no line wider than COLUMNS,
+    the default columns (numeric ones left out from the right when they do not
+    fit, said in the caption), each number the store's at one number of
+    decimals a column, no negative zero."""
+    store = fill(sqlite_uri)
+    widths = (60, 80, 200)
+    outputs = run_cli([["-e", store.name, "--params", "optimizer"]] * 3, store.uri,
+                      envs=[{"COLUMNS": str(w)} for w in widths])
+    expected = expected_order(store.client, store.tracked, "loss", "final")
+    keys = {"fit": "fit/loss", "eval_train": "eval_train/loss", "gap": "gap/loss",
+            "drift": "gap/loss/drift", "mode": "gap/loss/mode", "bn_ema": "gap/loss/bn_ema"}
+    for width, (code, out, err) in zip(widths, outputs):
+        assert code == 0, err
+        assert max(map(len, out.splitlines())) <= width, out
+        columns, rows = read_table(out)
+        assert columns[:2] == ["rank", "run_name"] and "diagnosis" in columns
+        left_out = [c for c in (*keys, "optimizer") if c not in columns]
+        assert bool(left_out) == (width < 80)
+        if left_out:
+            assert f"(left out at this width: {', '.join(left_out)})" in " ".join(out.split())
+        assert [ids_by_name(store)[row[1]] for row in rows] == expected
+        for name in (c for c in columns if c in keys):
+            cells = [row[columns.index(name)] for row in rows]
+            assert len({decimals(c) for c in cells}) == 1, (name, cells)
+            assert not any(re.fullmatch(r"-0\.0*", c) for c in cells), (name, cells)
+            half = 0.5 * 10 ** -decimals(cells[0])
+            for run_id, cell in zip(expected, cells):
+                logged = store.series[run_id][keys[name]][-1]
+                assert float(cell) == pytest.approx(logged, abs=half * 1.0001), (name, run_id)
+        if "optimizer" in columns:
+            assert [row[columns.index("optimizer")] for row in rows] == [
+                store.client.get_run(r).data.params["optimizer"] for r in expected]
 
 
 def test_cli_imports_no_tensorflow():

@@ -576,14 +576,23 @@ def _children(store, parent_id):
 
 def _check_printed_ranking(proc, children, metric):
     """The printed table lists the children by |gap_final/<metric>|, largest
-    first, with their logged gap."""
+    first, with their logged gap (column ``gap``, right-aligned under its
+    header, at the table's number of decimals) and names (cut to the width)."""
     ranked = sorted(children, key=lambda r: -abs(r.data.metrics[f"gap_final/{metric}"]))
-    table = proc.stdout[proc.stdout.index("ranked by"):]
-    positions = [table.index(r.info.run_name) for r in ranked]
-    assert positions == sorted(positions), table
-    for r in ranked:
-        line = next(line for line in table.splitlines() if r.info.run_name in line)
-        assert f"{r.data.metrics[f'gap_final/{metric}']:.4f}" in line
+    lines = proc.stdout[proc.stdout.index("ranked by"):].splitlines()
+    rule = next(i for i, line in enumerate(lines) if line and set(line) == {"─"})
+    header = lines[rule - 1]
+    name_at, gap_end = header.index("run_name"), re.search(r"(?<!\S)gap(?!\S)", header).end()
+    rows = lines[rule + 1:rule + 1 + len(ranked)]
+    for rank, (r, line) in enumerate(zip(ranked, rows), 1):
+        assert line.split()[0] == str(rank), lines
+        printed = line[name_at:]
+        assert (r.info.run_name.startswith(printed.split("…")[0]) if "…" in printed
+                else printed.startswith(r.info.run_name)), (r.info.run_name, line)
+        gap = re.search(r"\S+$", line[:gap_end]).group()
+        half = 0.5 * 10 ** -len(gap.partition(".")[2])
+        assert float(gap) == pytest.approx(r.data.metrics[f"gap_final/{metric}"],
+                                           abs=half * 1.0001), (r.info.run_name, line)
 
 
 @reads("main")
