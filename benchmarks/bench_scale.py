@@ -10,6 +10,10 @@ set (``getrusage``) is its own:
 - ``tracked``: ``fit`` with ``GapTracker`` at its defaults (the images are the
   probe), logging to a SQLite store in a temporary directory.
 
+On a shared machine one epoch's figures carry its load; the reading of the
+weights is therefore also timed alone, ``--reads`` times after the fit (median and
+fastest printed).
+
 For every measured epoch the tracked worker splits the tracker's ``on_epoch_end``
 (wall time in the training thread) into the probe's passes
 (``Measurer.train_mode_pass`` and ``Measurer.inference_pass``, tracing included)
@@ -99,7 +103,18 @@ def worker(args):
     start = time.perf_counter()
     model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
               callbacks=callbacks)
-    print(json.dumps({"variant": args.variant, "fit_s": time.perf_counter() - start,
+    fit_s = time.perf_counter() - start
+    reads = []  # the weights' reading alone, after the fit: less noise than one epoch's
+    if args.variant == "tracked":
+        for _ in range(args.reads):
+            start = time.perf_counter()
+            if hasattr(measurement, "digest"):
+                measurement.digest(model)
+            else:
+                callback._fingerprint(model)
+                measurement._finite_weights(model)
+            reads.append(time.perf_counter() - start)
+    print(json.dumps({"variant": args.variant, "fit_s": fit_s, "reads": reads,
                       "params": model.count_params(), "epochs": epochs,
                       "gaptrack": gaptrack.__file__,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -112,7 +127,8 @@ def run(variant, args, tmp):
                                                         str(HERE)])))
     command = [sys.executable, str(Path(__file__)), "--worker", variant, "--tmp", tmp,
                "--size", str(args.size), "--images", str(args.images),
-               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+               "--reads", str(args.reads)]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -123,6 +139,8 @@ def main():
     parser.add_argument("--images", type=int, default=64, help="training images (the probe)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--reads", type=int, default=10,
+                        help="times the weights are read again after the fit, to time it alone")
     parser.add_argument("--gaptrack", help="checkout whose gaptrack the workers import")
     parser.add_argument("--worker", choices=("plain", "tracked"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -149,6 +167,9 @@ def main():
         print(f"outside the passes, epochs after the first: max {1000 * max(later):.1f} ms "
               f"(target <= {TARGET_MS:.0f} ms); the first includes tracing the weights' "
               "reduction")
+    reads = sorted(tracked["reads"])
+    print(f"reading the weights (fingerprint + finiteness) alone, {len(reads)} times after the "
+          f"fit: median {1000 * reads[len(reads) // 2]:.1f} ms, fastest {1000 * reads[0]:.1f} ms")
     plain = results["plain"]
     print(f"fit: plain {plain['fit_s']:.1f} s, tracked {tracked['fit_s']:.1f} s")
     print(f"peak RSS: plain {plain['peak_rss_mb']:,.0f} MB, tracked "
