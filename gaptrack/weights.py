@@ -33,8 +33,8 @@ import numpy as np
 
 #: ``{model: (ids of the variables, compiled reduction)}``; an entry goes with its model.
 _CACHE = weakref.WeakKeyDictionary()
-#: The integer type of each width, to read a variable's bits as.
-_BITS = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+#: The integer type to read each floating type's bits as.
+_BITS = {"float16": "int16", "bfloat16": "int16", "float32": "int32", "float64": "int64"}
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,16 @@ def digest(model):
 def _reduction(variables):
     """The function of the variables' values: ``(bit sums, float sums)``, one
     element a variable (the float sum 0 for a variable that is not floating)."""
-    from keras import ops
+    from keras import backend, ops
 
-    floating = [np.issubdtype(np.dtype(v.dtype), np.floating) for v in variables]
-    widths = [np.dtype(v.dtype).itemsize for v in variables]
+    bit_types = [_BITS.get(backend.standardize_dtype(v.dtype)) for v in variables]
 
     def reduce(values):
-        bits = [ops.cast(ops.sum(ops.view(value, _BITS[width]) if is_float
+        bits = [ops.cast(ops.sum(ops.view(value, bit_type) if bit_type
                                  else ops.cast(value, "int32")), "int32")
-                for value, width, is_float in zip(values, widths, floating)]
-        sums = [ops.sum(ops.cast(value, "float32")) if is_float else ops.zeros((), "float32")
-                for value, is_float in zip(values, floating)]
+                for value, bit_type in zip(values, bit_types)]
+        sums = [ops.sum(ops.cast(value, "float32")) if bit_type else ops.zeros((), "float32")
+                for value, bit_type in zip(values, bit_types)]
         return ops.stack(bits), ops.stack(sums)
 
     return reduce
