@@ -17,11 +17,24 @@ tables it created), each with ``--epochs`` epochs of per-epoch gaptrack metrics
 The ranking returned is checked against the top runs computed from the values
 generated here.
 
+``--store postgresql`` does the same on a database it creates on the local
+PostgreSQL (127.0.0.1:5432, user postgres; filled by SQL inside the server, see
+``_postgres.py``) and drops at the end, and prints besides: the database's size,
+where a warm ranking's time goes (the SQL statements, timed in this process
+against the store directly; MLflow's store code around them; the rest of
+``search_runs`` through the server: serialisation, HTTP, parsing; gaptrack's own
+work) and the ``EXPLAIN (ANALYZE, BUFFERS)`` plan of the slowest statement of
+each ranking. ``--index`` (opt-in, not MLflow's schema) then creates by hand an
+index on ``latest_metrics (key, value)``, times the rankings again and shows the
+plans, then drops it: what the index MLflow does not create would change.
+
 Usage:
     python benchmarks/bench_compare.py --runs 10000
+    python benchmarks/bench_compare.py --store postgresql --runs 100000 [--index]
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -36,7 +49,10 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 import numpy as np  # noqa: E402
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from sqlalchemy import event  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
 
+import _postgres  # noqa: E402
 from _server import start_server, stop_server  # noqa: E402
 from gaptrack.compare import rank_runs  # noqa: E402
 
@@ -107,17 +123,57 @@ def fill_store(uri, artifacts, runs, epochs, seed=0):
     return sizes
 
 
+class Clock:
+    """Seconds spent, in this process, in SQL statements (every SQLAlchemy engine)
+    and in ``MlflowClient.search_runs``; the statements of the last call."""
+
+    def __init__(self):
+        self.sql = self.search = 0.0
+        self.statements = []
+        event.listen(Engine, "before_cursor_execute", self._before)
+        event.listen(Engine, "after_cursor_execute", self._after)
+        search = MlflowClient.search_runs
+
+        def timed_search(client, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return search(client, *args, **kwargs)
+            finally:
+                self.search += time.perf_counter() - start
+        MlflowClient.search_runs = timed_search
+
+    def reset(self):
+        self.sql = self.search = 0.0
+        self.statements = []
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany):
+        conn.info["bench_start"] = time.perf_counter()
+
+    def _after(self, conn, cursor, statement, parameters, context, executemany):
+        seconds = time.perf_counter() - conn.info.pop("bench_start")
+        self.sql += seconds
+        self.statements.append((seconds, statement, parameters))
+
+
+CLOCK = Clock()
+
+
 def time_ranking(uri, top_k, expected):
-    """{key: (first call s, median warm s)}; checks each ranking against ``expected``."""
+    """{key: (first call s, median warm s, {part: s of the median warm call})};
+    checks each ranking against ``expected``."""
     times = {}
     for key in KEYS:
         calls = []
         for _ in range(4):
+            CLOCK.reset()
             start = time.perf_counter()
             ranking = rank_runs(EXPERIMENT, metric="loss", by=key, top_k=top_k, tracking_uri=uri)
-            calls.append(time.perf_counter() - start)
+            total = time.perf_counter() - start
+            calls.append((total, {"sql": CLOCK.sql, "search_runs": CLOCK.search,
+                                  "statements": list(CLOCK.statements)}))
         assert list(ranking.run_id) == expected[key], f"ranking by {key} is wrong"
-        times[key] = (calls[0], statistics.median(calls[1:]))
+        warm = sorted(calls[1:], key=lambda c: c[0])[1]
+        times[key] = (calls[0][0], warm[0], warm[1])
     return times
 
 
@@ -148,6 +204,84 @@ def heap_peak(uri, top_k):
     return peak / 2**20
 
 
+#: The index ``--index`` creates by hand (not in MLflow's schema).
+INDEX = "CREATE INDEX bench_latest_metrics_key_value ON latest_metrics (key, value)"
+
+
+def fill(args, root, name, top_k):
+    """The store's URI, filled; the expected rankings."""
+    artifacts = str(root / "artifacts")
+    start = time.perf_counter()
+    if name is None:
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        sizes = fill_store(uri, artifacts, args.runs, args.epochs)
+        expected = {key: sorted(s, key=s.get, reverse=True)[:top_k] for key, s in sizes.items()}
+    else:
+        uri = _postgres.uri(name)
+        store = SqlAlchemyStore(uri, artifacts)  # MLflow creates its schema
+        experiment_id = store.create_experiment(EXPERIMENT)
+        store.engine.dispose()
+        expected, steps = _postgres.fill(name, experiment_id, artifacts, args.runs, args.epochs,
+                                         top_k)
+        print("fill, s: " + ", ".join(f"{step} {s:.1f}" for step, s in steps.items()))
+        print("size, MB: " + ", ".join(f"{t} {mb:,.0f}" for t, mb in _postgres.sizes(name).items()))
+    print(f"filled {uri}: {args.runs} tracked runs x {args.epochs} epochs x "
+          f"{8 * len(METRICS)} per-epoch keys in {time.perf_counter() - start:.1f} s")
+    return uri, expected
+
+
+def print_parts(results):
+    """Where a warm ranking's time goes, by key."""
+    direct = next(times for backend, (_, times, _) in results.items() if backend != "http")
+    print("\nwhere the median warm call's time goes, s (SQL timed in this process against the "
+          "store; the server runs the same statements):")
+    for key, (_, warm, parts) in direct.items():
+        http_warm, http_parts = results["http"][1][key][1:]
+        print(f"  by={key:8s} direct {warm:.3f} = SQL {parts['sql']:.3f} "
+              f"({len(parts['statements'])} statements) + MLflow store code "
+              f"{parts['search_runs'] - parts['sql']:.3f} + gaptrack {warm - parts['search_runs']:.3f}"
+              f" | http {http_warm:.3f} = search_runs through the server "
+              f"{http_parts['search_runs']:.3f} (of which serialisation, HTTP, parsing ~"
+              f"{http_parts['search_runs'] - parts['search_runs']:.3f}) + gaptrack "
+              f"{http_warm - http_parts['search_runs']:.3f}")
+
+
+def print_plans(name, times, title):
+    """The plan of the slowest statement of each key's median warm call."""
+    for key, (_, _, parts) in times.items():
+        seconds, statement, parameters = max((s for s in parts["statements"]
+                                              if s[1].startswith("SELECT DISTINCT runs")),
+                                             key=lambda s: s[0])
+        print(f"\n--- {title}, by={key}: slowest statement ({seconds:.3f} s in the ranking); "
+              "EXPLAIN (ANALYZE, BUFFERS) of it now:")
+        print(statement % {k: repr(v) for k, v in parameters.items()})
+        print(_postgres.explain(name, statement, parameters))
+
+
+#: The query MLflow could send for ``rank_runs(by="max_abs", top_k=10)``: its filter
+#: already requires the metric, so one inner join serves filter and order (no CASE for
+#: missing values), and no DISTINCT (``(key, run_uuid)`` is unique in latest_metrics
+#: and tags): with an index on ``latest_metrics (key, value)`` the top runs are read
+#: in index order and the scan stops after them.
+REWRITTEN = f"""
+    SELECT runs.*, m.value FROM runs
+    JOIN latest_metrics m ON m.run_uuid = runs.run_uuid AND m.key = 'gap_max_abs/loss'
+         AND m.is_nan = false AND m.value >= 0
+    WHERE runs.experiment_id IN (SELECT experiment_id FROM experiments
+                                 WHERE name = '{EXPERIMENT}')
+      AND runs.lifecycle_stage = 'active'
+      AND EXISTS (SELECT 1 FROM tags WHERE tags.run_uuid = runs.run_uuid
+                  AND tags.key = 'gaptrack.version')
+    ORDER BY m.value DESC, runs.start_time DESC, runs.run_uuid LIMIT 11"""
+
+
+def print_rewritten(name, title):
+    """The plan of :data:`REWRITTEN`, a query MLflow does not send."""
+    print(f"\n--- not MLflow's query: what it could send for by=max_abs, {title}; "
+          f"EXPLAIN (ANALYZE, BUFFERS):{REWRITTEN}")
+    print(_postgres.explain(name, REWRITTEN, None))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=10_000, help="tracked runs in the store")
@@ -155,39 +289,54 @@ def main():
     parser.add_argument("--top-k", type=int, default=10, help="runs ranked per query")
     parser.add_argument("--naive-sample", type=int, default=200,
                         help="runs the naive way is timed on (then extrapolated)")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="postgresql: a database created and dropped on 127.0.0.1:5432")
+    parser.add_argument("--index", action="store_true",
+                        help="postgresql: also time with an index MLflow does not create, "
+                             "on latest_metrics (key, value), made by hand")
     args = parser.parse_args()
     top_k = min(args.top_k, args.runs)
 
-    with tempfile.TemporaryDirectory(prefix="gaptrack-bench-") as tmp:
+    database = _postgres.database() if args.store == "postgresql" else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="gaptrack-bench-") as tmp, database as name:
         root = Path(tmp)
-        uri = f"sqlite:///{root / 'mlflow.db'}"
-        start = time.perf_counter()
-        sizes = fill_store(uri, str(root / "artifacts"), args.runs, args.epochs)
-        print(f"filled {uri}: {args.runs} tracked runs x {args.epochs} epochs x "
-              f"{8 * len(METRICS)} per-epoch keys in {time.perf_counter() - start:.1f} s")
-        expected = {key: sorted(s, key=s.get, reverse=True)[:top_k] for key, s in sizes.items()}
+        uri, expected = fill(args, root, name, top_k)
         sample = min(args.naive_sample, args.runs)
-
-        results = {"sqlite": (uri, time_ranking(uri, top_k, expected),
-                              time_naive(uri, sample, args.runs))}
+        results = {args.store: (uri, time_ranking(uri, top_k, expected),
+                                time_naive(uri, sample, args.runs))}
         peaks = (heap_peak(uri, top_k), heap_peak(uri, min(10 * top_k, args.runs)))
         server, url = start_server(root, uri)
         try:
             results["http"] = (url, time_ranking(url, top_k, expected),
                                time_naive(url, sample, args.runs))
+            if name is not None:
+                print_plans(name, results[args.store][1], "MLflow's schema")
+            if args.index:
+                print_rewritten(name, "MLflow's schema")
+                start = time.perf_counter()
+                _postgres.execute(name, INDEX)
+                print(f"\n{INDEX}  -- by hand, not MLflow's schema: "
+                      f"{time.perf_counter() - start:.1f} s")
+                indexed = time_ranking(uri, top_k, expected)
+                results["http + index"] = (url, time_ranking(url, top_k, expected), None)
+                print_plans(name, indexed, "with the hand-made index")
+                print_rewritten(name, "with the hand-made index")
         finally:
             stop_server(server)
 
     print(f"\nrank_runs(top_k={top_k}) over {args.runs} runs, "
           f"seconds (first call in process / median of 3 warm calls):")
-    for backend, (where, times, (naive, naive_all)) in results.items():
-        print(f"  {backend:6s} {where}")
-        for key, (first, warm) in times.items():
+    for backend, (where, times, naive) in results.items():
+        print(f"  {backend:12s} {where}")
+        for key, (first, warm, _) in times.items():
             print(f"    by={key:8s} first {first:6.2f}  warm {warm:6.2f}")
-        slowest = max(warm for _, warm in times.values())
-        print(f"    naive (list + one get_metric_history per run + sort): {naive:.2f} s for "
-              f"{sample} runs, extrapolated linearly to {args.runs}: {naive_all:.1f} s")
-        print(f"    naive / rank_runs (slowest key, warm): {naive_all / slowest:.0f}x")
+        if naive is None:
+            continue
+        slowest = max(warm for _, warm, _ in times.values())
+        print(f"    naive (list + one get_metric_history per run + sort): {naive[0]:.2f} s for "
+              f"{sample} runs, extrapolated linearly to {args.runs}: {naive[1]:.1f} s")
+        print(f"    naive / rank_runs (slowest key, warm): {naive[1] / slowest:.0f}x")
+    print_parts(results)
     print(f"\nPython heap peak while ranking (tracemalloc): top_k={top_k}: {peaks[0]:.1f} MiB, "
           f"top_k={min(10 * top_k, args.runs)}: {peaks[1]:.1f} MiB")
 

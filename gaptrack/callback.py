@@ -53,10 +53,8 @@ process (one ``log_batch`` per epoch, plus the BN snapshot).
 """
 
 import contextlib
-import hashlib
 
 import keras
-import numpy as np
 
 from gaptrack import __version__, keys
 from gaptrack.decompose import add_measurement, summarize
@@ -69,6 +67,7 @@ from gaptrack.probe import Probe, check_positive_int
 from gaptrack.record import EpochRecord, RunHistory
 from gaptrack.safety import Guard
 from gaptrack.uris import check_tracking_uri
+from gaptrack.weights import digest
 
 class GapTracker(keras.callbacks.Callback):
     """Log what ``fit()`` reports, what ``evaluate()`` says, and why they differ.
@@ -160,7 +159,8 @@ class GapTracker(keras.callbacks.Callback):
         self._measurer = None
         #: How the model trains (:class:`gaptrack.distribute.Replication`).
         self.replication = None
-        #: ``{step: fingerprint of the weights}`` of the measured epochs.
+        #: ``{step: fingerprint of the weights}`` of the measured epochs
+        #: (:attr:`gaptrack.weights.WeightDigest.fingerprint`, read on the device).
         self._fingerprints = {}
         #: The step last measured or tried to be (a failure is not tried again).
         self._last_attempt = None
@@ -285,10 +285,11 @@ class GapTracker(keras.callbacks.Callback):
         if measure and self._measurer is not None:
             self._last_attempt = step
             with self._guard(f"measuring epoch {step}", kind="measuring"):
-                measurement = self._measurer.measure(self.probe)
+                weights = digest(self.model)
+                measurement = self._measurer.measure(self.probe, weights)
         if measurement is not None:
             add_measurement(record, measurement)
-            self._fingerprints[step] = _fingerprint(self.model)
+            self._fingerprints[step] = weights.fingerprint
         self.records.append(record)
         if self.logger is not None:
             with self._guard("logging to MLflow", kind="logging"):
@@ -312,15 +313,16 @@ class GapTracker(keras.callbacks.Callback):
         if self._measurer is None or not self.records:
             return
         last = self.records[-1]
+        weights = digest(self.model)
         if self._last_attempt != last.step:
-            add_measurement(last, self._measurer.measure(self.probe))
-            self._fingerprints[last.step] = _fingerprint(self.model)
+            add_measurement(last, self._measurer.measure(self.probe, weights))
+            self._fingerprints[last.step] = weights.fingerprint
             unmeasured = keys.epoch_metrics(EpochRecord(step=last.step, fit=last.fit,
                                                         val=last.val))
             self._log({k: v for k, v in keys.epoch_metrics(last).items()
                        if k not in unmeasured}, step=last.step)
         measured = max(self._fingerprints, default=None)
-        fingerprint = _fingerprint(self.model)
+        fingerprint = weights.fingerprint
         if measured is None or fingerprint == self._fingerprints[measured]:
             return
         last.returned = self._measurer.inference_pass(self.probe)[0]
@@ -376,12 +378,3 @@ class GapTracker(keras.callbacks.Callback):
             yield self
         finally:
             self.on_train_end()
-
-
-
-def _fingerprint(model):
-    """A digest of the model's weights (what ``get_weights``/``set_weights`` move)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for variable in model.weights:
-        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
-    return digest.hexdigest()

@@ -21,6 +21,9 @@ can only sort by the signed value, so it is read as two server-sorted streams,
 ``gap_final >= 0`` descending and ``gap_final < 0`` ascending (most negative
 first); each stream is ordered by ``|gap_final|``, and merging them lazily gives
 the ranking, fetching the next page of a stream only when its rows are used.
+With ``top_k``, the negative stream asks only for runs at least as far from 0
+as the ``top_k``-th positive one (no other can rank): a filter that few runs
+pass, which the server answers without sorting every run.
 Every ranking query also filters on the summary metric itself (``>= 0`` or
 ``< 0``); besides selecting the runs that have it, this keeps SQLite's query
 planner fast (with the ``order_by`` join alone, or with a ``!=`` filter, it
@@ -259,8 +262,13 @@ def _ranked(client, experiment_ids, tracked, metric, by, top_k):
     if by == "final":
         positive = _search(client, experiment_ids, _and(tracked, f"{key} >= 0"),
                            [f"{key} DESC"], top_k)
-        negative = _search(client, experiment_ids, _and(tracked, f"{key} < 0"),
-                           [f"{key} ASC"], top_k)
+        below = f"{key} < 0"
+        if top_k is not None:
+            positive = list(itertools.islice(positive, top_k))
+            kth = positive[-1].data.metrics[value] if len(positive) == top_k else math.inf
+            if math.isfinite(kth):  # a negative run ranked needs |gap| >= the k-th's
+                below = _and(below, f"{key} <= {-kth!r}")
+        negative = _search(client, experiment_ids, _and(tracked, below), [f"{key} ASC"], top_k)
         finite = heapq.merge(positive, negative, key=lambda run: -abs(run.data.metrics[value]))
     else:
         finite = _search(client, experiment_ids, _and(tracked, f"{key} >= 0"),

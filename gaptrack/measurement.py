@@ -46,6 +46,7 @@ from gaptrack.distribute import bn_spread, replication
 from gaptrack.keras3 import require_keras3
 from gaptrack.labels import check_labels
 from gaptrack.probe import Probe, check_positive_int
+from gaptrack.weights import digest
 
 #: Largest batch used for the inference passes.
 MAX_INFERENCE_BATCH = 1024
@@ -293,10 +294,14 @@ class Measurer:
         return {name: float(np.asarray(value))
                 for name, value in keras_private.measured_logs(self.model, logs, self.loss).items()}
 
-    def measure(self, probe):
-        """All four measurements of the model's current state on ``probe``."""
+    def measure(self, probe, weights=None):
+        """All four measurements of the model's current state on ``probe``.
+
+        ``weights`` is the :class:`gaptrack.weights.WeightDigest` of that state
+        when the caller has read it (the tracker does, for its fingerprint);
+        otherwise it is read here when needed (whether the weights are finite)."""
         passes = self._compiled(probe)
-        if passes.unoptimized and not _finite_weights(self.model):
+        if passes.unoptimized and not (weights or digest(self.model)).finite:
             with passes.as_evaluate():
                 return self._measure(probe)
         measurement = self._measure(probe)
@@ -345,11 +350,6 @@ def _short(values, most=12):
 
 def _cell(values, name):
     return "-" if values is None or name not in values else f"{values[name]:.4g}"
-
-
-def _finite_weights(model):
-    return all(np.isfinite(np.asarray(v.numpy())).all() for v in model.weights
-               if np.issubdtype(np.dtype(v.dtype), np.floating))
 
 
 def _batching_matters(model, probe, loss=None):
