@@ -36,7 +36,6 @@ Usage:
 import argparse
 import contextlib
 import os
-import statistics
 import tempfile
 import time
 import tracemalloc
