@@ -78,7 +78,10 @@ def autolog(disable=False, *, probe=None, probe_size=None, every=1, seed=0,
     _settings.update(probe=probe, probe_size=probe_size, every=every, seed=seed,
                      bn_snapshots=bn_snapshots)
     if not _patches:
-        _patches.append(FitPatch(keras.Model, _callback_for))
+        from gaptrack.keras_private import functional_class
+
+        _patches.append(FitPatch(keras.Model, _callback_for,
+                                 front=(keras.Sequential, functional_class())))
     legacy = _legacy_keras()
     if len(_patches) == 1 and legacy is not None:
         _patches.append(FitPatch(legacy.Model, _refuse))

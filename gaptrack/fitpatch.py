@@ -21,6 +21,15 @@ replaced by it); :class:`FitPatch` composes with it in either order:
   the list it is given and reads ``callbacks`` positionally as ``args[5]`` only,
   and given positional ``callbacks`` it passes them twice (``got multiple values
   for argument 'callbacks'``); a wrapper under it takes such a repeat as one;
+- a third wrapper goes on the model classes users build directly
+  (``keras.Sequential`` and the functional ``keras.Model(inputs, outputs)``),
+  which inherit ``fit``: found before ``keras.Model``'s attribute, it runs
+  before any patch there, so MLflow's autolog enabled *after* gaptrack's still
+  gets ``fit``'s arguments by keyword and a list of callbacks (called directly
+  with ``callbacks=None`` or a tuple, MLflow's Keras patch fails on its own:
+  ``'NoneType' object is not iterable``, its run ``FAILED``); it calls
+  ``keras.Model.fit`` as it is at call time, whatever is patched there. A
+  subclassed model (``class M(keras.Model)``) is reached by the two others only;
 - a disabled wrapper still in a chain (another patch holds it) passes calls on
   untouched, as MLflow's do: disabling never unpatches someone else's patch.
 
@@ -37,6 +46,8 @@ class FitPatch:
     Args:
         model_class: ``keras.Model`` (or another Keras' ``Model``: one that
             defines ``fit`` itself is wrapped on top only).
+        front: subclasses of ``model_class`` that inherit ``fit``, to wrap
+            ahead of any patch on it.
         callback_for: ``fn(arguments) -> callback or None``, with ``arguments``
             ``{name: value}`` of the ``fit`` call as bound to its signature
             (``self`` is the model); ``None`` adds nothing. It may raise, to
@@ -48,9 +59,10 @@ class FitPatch:
         >>> patch.disable()
     """
 
-    def __init__(self, model_class, callback_for):
+    def __init__(self, model_class, callback_for, front=()):
         self.model_class = model_class
         self.callback_for = callback_for
+        self.front = [c for c in front if "fit" not in vars(c)]
         self.enabled = False
         own = "fit" in vars(model_class) and "_gorilla_original_fit" not in vars(model_class)
         #: The class whose ``fit`` Keras runs (the backend's trainer), if not ``model_class``.
@@ -59,6 +71,17 @@ class FitPatch:
         self._original = vars(self._trainer)["fit"] if self._trainer else None
         self._base = self._wrap(self._original) if self._trainer else None
         self._top = None
+        self._front = self._wrap(self._dispatch()) if self.front else None
+
+    def _dispatch(self):
+        """``fit`` as ``model_class`` has it at call time (any patch on it included)."""
+        model_class = self.model_class
+
+        @functools.wraps(self._original or vars(model_class)["fit"])
+        def fit(model, *args, **kwargs):
+            return model_class.fit(model, *args, **kwargs)
+
+        return fit
 
     def enable(self):
         """Add the callback from now on; again after :meth:`disable`."""
@@ -69,10 +92,15 @@ class FitPatch:
         if current is not None and not self._holds(current):
             self._top = self._wrap(current)
             setattr(self.model_class, "fit", self._top)
+        for cls in self.front:
+            setattr(cls, "fit", self._front)
 
     def disable(self):
         """Stop adding it; the patches this one wrapped are put back."""
         self.enabled = False
+        for cls in self.front:
+            if vars(cls).get("fit") is self._front:
+                delattr(cls, "fit")
         if self._top is not None and vars(self.model_class).get("fit") is self._top:
             setattr(self.model_class, "fit", self._top.__wrapped__)
         self._top = None

@@ -161,6 +161,13 @@ def metric_names(model, loss):
     return list(measured_logs(model, model.get_metrics_result(), loss))
 
 
+def functional_class():
+    """The class of ``keras.Model(inputs, outputs)`` (Keras' ``Functional``)."""
+    from keras.src.models.functional import Functional
+
+    return Functional
+
+
 def single_loss_function(model):
     """The one compiled per-sample loss function of a single-output model
     (its ``call(y_true, y_pred)`` gives per-sample values), else ``None``."""
