@@ -133,8 +133,17 @@ def _pairs(model, labels, outputs):
         names = list(getattr(model, "output_names", None) or [])
         named = dict(zip(names if len(names) == len(flat) else range(len(flat)), flat))
     if isinstance(labels, dict):
-        return [(k, v, named[k]) for k, v in labels.items() if k in named and v is not None]
-    flat_labels = tree.flatten(labels)
-    if len(flat_labels) != len(named):
-        return []  # Keras names the mismatch itself
-    return [(k, v, o) for (k, o), v in zip(named.items(), flat_labels) if v is not None]
+        pairs = [(k, v, named[k]) for k, v in labels.items() if k in named and v is not None]
+    else:
+        flat_labels = tree.flatten(labels)
+        if len(flat_labels) != len(named):
+            return []  # Keras names the mismatch itself
+        pairs = [(k, v, o) for (k, o), v in zip(named.items(), flat_labels) if v is not None]
+    # nested outputs ({"head": {"cls": ..., "reg": ...}}): their leaves, named by path
+    leaves = []
+    for name, head_labels, output in pairs:
+        if tree.is_nested(output):
+            leaves += [(f"{name}/{inner}", v, o) for inner, v, o in _pairs(model, head_labels, output)]
+        else:
+            leaves.append((name, head_labels, output))
+    return leaves

@@ -28,7 +28,7 @@ def test_a_failing_measurement_is_one_warning_and_training_goes_on(sqlite_uri, m
     monkeypatch.delenv("GAPTRACK_TESTING")
     calls = []
 
-    def broken(self, probe):
+    def broken(self, probe, weights=None):
         calls.append(1)
         raise RuntimeError("out of memory in the probe pass")
 
@@ -72,7 +72,7 @@ def test_a_model_without_loss_trains_with_the_tracker_attached(sqlite_uri, monke
 
 
 def test_under_the_test_suite_failures_are_raised(sqlite_uri, monkeypatch):
-    def broken(self, probe):
+    def broken(self, probe, weights=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Measurer, "measure", broken)

@@ -22,6 +22,7 @@ address it opens is the session's ``mlflow server`` on 127.0.0.1. Screenshots
 import json
 import os
 import urllib.parse
+from pathlib import Path
 
 import keras
 import mlflow
@@ -106,7 +107,7 @@ def test_run_page_shows_gap_metrics_and_the_report(server_uri, browser, tmp_path
     browser.switch_to.frame(frame)
     WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CLASS_NAME, "sentence"))
     shown = browser.find_element(By.CLASS_NAME, "diagnosis").text
-    assert shown.startswith(f"Diagnosis: {cause}")
+    assert shown.startswith(f"gaptrack diagnosis: {cause}")
     markdown = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{REPORT_DIR}/report.md")
     sentence = markdown.split("\n\n")[2]
     assert sentence.startswith("At epoch 1, fit() reported loss")
@@ -290,14 +291,36 @@ def test_the_run_page_opens_on_the_answer(server_uri, browser, tmp_path):
                          ).until(image_card)[0]
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
 
+    def stored(step):
+        """The base64 of the step's PNG and of its preview, as logged."""
+        import base64
+
+        names = [f.path for f in MlflowClient().list_artifacts(run.info.run_id, "images")
+                 if f.path.startswith(f"images/gaptrack.decomposition+step+{step}+")]
+        return {base64.b64encode(Path(mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path=name, dst_path=str(tmp_path))).read_bytes()
+        ).decode("ascii") for name in names}
+
+    logged = {step: stored(step) for step in (0, 1)}
+    assert all(len(images) == 2 for images in logged.values())
+
     def image(d, step):
-        """The card's image at ``step``, once it is loaded and decoded."""
+        """The card's image at ``step``, once it is loaded and decoded: its address
+        names the file, or (MLflow 3.18) it is a blob holding the step's bytes."""
         found = d.find_elements(By.XPATH, f"{IMAGE_CARD}//img")
         src = found[0].get_attribute("src") if found else ""
         decoded = found and d.execute_script(
             "return arguments[0].complete && arguments[0].naturalWidth", found[0])
-        return (urllib.parse.quote(f"gaptrack.decomposition+step+{step}+") in src and decoded
-                and src)
+        if not decoded:
+            return False
+        if src.startswith("blob:"):
+            shown = d.execute_async_script(
+                "const done = arguments[arguments.length - 1];"
+                "fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => {"
+                " let s = ''; for (const c of new Uint8Array(b)) s += String.fromCharCode(c);"
+                " done(btoa(s)); }).catch(() => done(null));", src)
+            return shown in logged[step] and shown
+        return urllib.parse.quote(f"gaptrack.decomposition+step+{step}+") in src and src
 
     first = WebDriverWait(browser, WAIT).until(lambda d: image(d, 0))
     slider = browser.find_element(By.XPATH, f"{IMAGE_CARD}//*[@role='slider']")
