@@ -22,11 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from _server import start_server, stop_server  # noqa: E402
+from browser import CHROMEDRIVER, CHROMIUM, chromium  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 DESCRIPTION = "//*[@data-testid='note-editor-preview-content']"
 ASSISTANT_CLOSE = ("//*[normalize-space(text())='MLflow Assistant']/ancestor::*"
                    "[.//button][1]//button[contains(@aria-label, 'lose')]")
@@ -57,20 +58,10 @@ def tracked_run(tracking_uri):
 
 
 def screenshot(url, output, profile):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    os.environ["SE_AVOID_STATS"] = "true"  # Selenium: no usage statistics
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}", "--window-size=1280,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium(profile)
     try:
         driver.get(url)
         WebDriverWait(driver, 90).until(lambda d: d.find_elements(By.XPATH, DESCRIPTION))

@@ -30,30 +30,18 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import gaptrack
+from browser import CHROMEDRIVER, CHROMIUM, chromium, installed
 from builders import blobs, mlp
 from gaptrack.keys import REPORT_DIR
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT = 60
 
 
 @pytest.fixture
-def browser(tmp_path, monkeypatch):
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+def browser(tmp_path):
+    if not installed():
         pytest.skip(f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER})")
-    monkeypatch.setenv("SE_AVOID_STATS", "true")  # Selenium: no usage statistics
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1600,1200"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium(tmp_path / "chromium-profile", "1600,1200")
     try:
         yield driver
     finally:
