@@ -797,3 +797,21 @@ def test_a_bad_parameter_through_mlflow_run_fails_the_run(project):
     assert "Traceback" not in proc.stderr.split("error: epochs")[0]
     run_id = re.search(r"Run \(ID '([0-9a-f]+)'\) failed", proc.stderr).group(1)
     assert store.client.get_run(run_id).info.status == "FAILED"
+
+
+def test_the_projects_environment_shares_the_stores_schema():
+    """`mlflow run .` creates the run in mlflow.db with the MLflow installed beside
+    the project, and the entry points open it with python_env.yaml's: the two must
+    be one minor version (an older one inside refuses the newer schema)."""
+    import importlib.metadata
+    import tomllib
+
+    pinned = re.search(r"^\s*- mlflow==(\d+)\.(\d+)\.\d+\s*$",
+                       (REPO / "python_env.yaml").read_text(), re.M)
+    assert pinned, "python_env.yaml pins no mlflow==X.Y.Z"
+    minor = tuple(map(int, pinned.groups()))
+    installed = tuple(map(int, importlib.metadata.version("mlflow").split(".")[:2]))
+    assert installed == minor
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    [spec] = [d for d in project["dependencies"] if d.startswith("mlflow")]
+    assert spec == f"mlflow>={minor[0]}.{minor[1]},<{minor[0]}.{minor[1] + 1}"
