@@ -88,10 +88,19 @@ def run_grid(entry_point, scenario, fixed, grid, metric, parent_params):
     return parent_id, ranking
 
 
+#: Width of the printed ranking when it goes to a log, not a terminal (``mlflow
+#: run`` pipes the entry point's output): every column and whole run names.
+LOG_WIDTH = 160
+
+
 def format_ranking(ranking, param_names=()):
     """The ranking's terminal columns (and the given params) as a text table,
-    as ``gaptrack compare`` prints it (:mod:`gaptrack.ranktable`)."""
+    as ``gaptrack compare`` prints it (:mod:`gaptrack.ranktable`), at the
+    terminal's width (``COLUMNS``), else :data:`LOG_WIDTH`."""
+    import shutil
+
     from gaptrack import ranktable
 
     present = [p for p in param_names if f"params.{p}" in ranking]
-    return ranktable.terminal(ranktable.select(ranking, params=present)).rstrip("\n")
+    width = shutil.get_terminal_size((LOG_WIDTH, 24)).columns
+    return ranktable.terminal(ranktable.select(ranking, params=present), width).rstrip("\n")
