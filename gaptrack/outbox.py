@@ -21,6 +21,7 @@ written to the spool once more (the disk may have room again), for
 (their steps, files and tags), or that none was lost.
 """
 
+import collections
 import json
 import threading
 
@@ -39,7 +40,8 @@ class Outbox:
         self.refused = None
         #: Operations not kept anywhere (over the bound, or at the end).
         self.lost = []
-        self._memory = []  # [(seq, bytes, op)] kept in memory only, in order
+        self._memory = collections.deque()  # [(seq, bytes, op)] kept in memory only, in order
+        self._held = 0  # their bytes
         self._lock = threading.Lock()
         try:
             spool.create(meta)
@@ -70,13 +72,14 @@ class Outbox:
             except OSError as exc:
                 self.refuse(exc)
         while self._memory and self._memory[0][0] <= sent:
-            self._memory.pop(0)
+            self._held -= self._memory.popleft()[1]
         size = len(json.dumps(op)) + len(data or b"")
-        if sum(kept for _, kept, _ in self._memory) + size > MEMORY_BOUND:
+        if self._held + size > MEMORY_BOUND:
             self.lost.append(op)
             return None
         held = op if data is None else {**op, "data": data}
         self._memory.append((op["seq"], size, held))
+        self._held += size
         return held
 
     def finish(self, sent, run_id):
@@ -86,7 +89,8 @@ class Outbox:
         if self.refused is None:
             return 0
         unsent = [op for seq, _, op in self._memory if seq > sent]
-        self._memory = []
+        self._memory.clear()
+        self._held = 0
         try:  # the run's id too, if the disk refused it
             (self.spool.dir / "files").mkdir(parents=True, exist_ok=True)
             self.spool.write_meta(self.spool.meta)

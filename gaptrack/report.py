@@ -207,47 +207,31 @@ class Report:
                     "no gap to explain.")
         n = f"{d.probe_size} samples" if d.probe_size else "the probe"
         noise = f"±{_num(d.threshold)} ({_standard_errors(d.z)} on {n})"
-        if not d.fit_known:
-            return self._sentence_without_fit(noise)
-        head = f"{at}, fit() reported {m} {_num(d.fit)} and {says}: "
-        parts = ", ".join(f"{p} {_num(d.parts[p], sign=True)}" for p in PARTS)
+        if d.fit_known:
+            head = f"{at}, fit() reported {m} {_num(d.fit)} and {says}: "
+            names, whole, what = PARTS, d.gap, "gap"
+            of, agree = "(fit - evaluate)", "so the two agree"
+        else:  # what the weights alone tell: training mode against evaluate()
+            names = ("mode", "bn_ema")
+            whole, what = sum(d.parts[p] for p in names), "difference"
+            head = (f"Without fit()'s own numbers (pass history= to measure drift too): in "
+                    f"training mode, as fit() computes its {m} but with the weights fit() ended "
+                    f"with, the {m} is {_num(d.eval_train + whole)}, and evaluate() on the "
+                    f"training data says {_num(d.eval_train)}: ")
+            of, agree = "(training mode - evaluate)", "so only drift can make fit() report another number"
         if d.cause == "none":
+            parts = ", ".join(f"{p} {_num(d.parts[p], sign=True)}" for p in names)
             within = ("within the noise of the measurement, " + noise if d.noise is not None
                       else "exactly 0")
-            return (head + f"the gap, {_num(d.gap, sign=True)}, and its parts ({parts}) are "
-                    f"{within}, so the two agree.")
+            return (head + f"the {what}, {_num(whole, sign=True)}, and its parts ({parts}) are "
+                    f"{within}, {agree}.")
         part = d.parts[d.cause]
-        share = f" ({100 * part / d.gap:.0f}% of it)" if d.gap and part / d.gap > 0 else ""
-        others = " and ".join(f"{p} {_num(d.parts[p], sign=True)}" for p in PARTS if p != d.cause)
+        share = f" ({100 * part / whole:.0f}% of it)" if whole and part / whole > 0 else ""
+        others = " and ".join(f"{p} {_num(d.parts[p], sign=True)}" for p in names if p != d.cause)
         noise = f"a noise of {noise}" if d.noise is not None else f"no error bar for {m}"
-        return (head + f"a gap of {_num(d.gap, sign=True)} (fit - evaluate), of which "
-                f"{d.cause}, because {_CAUSE_EXPLAINED[d.cause]}, explains {_num(part, sign=True)}{share}, "
-                f"against {others}, and {noise}.")
-
-    def _sentence_without_fit(self, noise):
-        """The sentence when ``fit()``'s numbers are unknown: what training mode
-        and evaluate() say, and how much of their difference each of mode and
-        bn_ema explains."""
-        d = self.evidence
-        m, mode, bn_ema = d.metric, d.parts["mode"], d.parts["bn_ema"]
-        train = d.eval_train + mode + bn_ema
-        head = (f"Without fit()'s own numbers (pass history= to measure drift too): in training "
-                f"mode, as fit() computes its {m} but with the weights fit() ended with, the {m} "
-                f"is {_num(train)}, and evaluate() on the training data says {_num(d.eval_train)}: ")
-        parts = f"mode {_num(mode, sign=True)} and bn_ema {_num(bn_ema, sign=True)}"
-        difference = _num(mode + bn_ema, sign=True)
-        if d.cause == "none":
-            return (head + f"the difference, {difference}, and its parts ({parts}) are within "
-                    f"the noise of the measurement, {noise}, so only drift can make fit() "
-                    "report another number.")
-        part = d.parts[d.cause]
-        other = "bn_ema" if d.cause == "mode" else "mode"
-        share = f" ({100 * part / (mode + bn_ema):.0f}% of it)" if part / (mode + bn_ema) > 0 else ""
-        noise = f"a noise of {noise}" if d.noise is not None else f"no error bar for {m}"
-        return (head + f"a difference of {difference} (training mode - evaluate), of which "
-                f"{d.cause}, because {_CAUSE_EXPLAINED[d.cause]}, explains "
-                f"{_num(part, sign=True)}{share}, against {other} "
-                f"{_num(d.parts[other], sign=True)}, and {noise}.")
+        return (head + f"a {what} of {_num(whole, sign=True)} {of}, of which {d.cause}, because "
+                f"{_CAUSE_EXPLAINED[d.cause]}, explains {_num(part, sign=True)}{share}, against "
+                f"{others}, and {noise}.")
 
     @property
     def context(self):

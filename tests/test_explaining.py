@@ -67,10 +67,9 @@ def test_without_a_history_it_says_what_the_weights_tell(trained):
         assert row["train_mode"] == measured.train_mode[m]
         assert row["mode"] == measured.train_mode[m] - measured.precise_bn[m]
         assert row["bn_ema"] == measured.precise_bn[m] - measured.eval_train[m]
-    assert report.diagnosis in ("mode", "bn_ema", "none")
     parts = frame.loc["loss", ["mode", "bn_ema"]]
-    if report.diagnosis != "none":
-        assert report.diagnosis == parts.abs().idxmax()
+    within = parts.abs().max() <= frame.loc["loss", "noise"]
+    assert report.diagnosis == ("none" if within else parts.abs().idxmax())
     s = report.sentence
     assert s.startswith("Without fit()'s own numbers (pass history= to measure drift too)")
     assert f"the loss is {frame.loc['loss', 'train_mode']:.4g}" in s
