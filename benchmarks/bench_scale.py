@@ -17,18 +17,21 @@ fastest printed).
 For every measured epoch the tracked worker splits the tracker's ``on_epoch_end``
 (wall time in the training thread) into the probe's passes
 (``Measurer.train_mode_pass`` and ``Measurer.inference_pass``, tracing included)
-and the rest: reading the weights (fingerprint and finiteness:
+and the rest: reading the weights (fingerprint and finiteness of a sample:
 ``gaptrack.weights.digest``; before it, ``_fingerprint`` and ``_finite_weights``),
 the decomposition, the BN snapshot, queuing the images and the metrics. It also
 prints the CPU time of its Python threads besides the main one (the image
-renderer and the sender work there, while training goes on).
+renderer and the sender work there, while training goes on), and each worker's
+resident set per phase (sampled every 2 ms: at the phase's first entry and its
+peak), which says where the tracker's memory goes.
 
 ``--gaptrack DIR`` runs the workers on the gaptrack of another checkout (the
 main branch, to compare with what it did before).
 
 Usage:
     python benchmarks/bench_scale.py                  # 64 images of 64 px, 2 epochs
-    python benchmarks/bench_scale.py --gaptrack /work/main
+    python benchmarks/bench_scale.py --gaptrack /path/to/another/checkout
+    python benchmarks/bench_scale.py --variants tracked   # its phases alone, as JSON
     python benchmarks/bench_scale.py --size 224 --images 64
 """
 
@@ -39,6 +42,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,9 +51,48 @@ HERE = Path(__file__).resolve().parent
 TARGET_MS = 50.0
 
 
+class Phases:
+    """The worker's resident set, sampled every 2 ms from ``/proc/self/statm``:
+    per phase, the resident set when it was first entered and the peak while in it."""
+
+    def __init__(self):
+        self.phase, self.entered, self.peaks = "setup", {"setup": self.rss()}, {}
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def enter(self, phase):
+        """Count from now on under ``phase``; the phase it was in."""
+        outer, self.phase = self.phase, phase
+        self.entered.setdefault(phase, self.rss())
+        self._note(outer)
+        return outer
+
+    def _note(self, phase):
+        self.peaks[phase] = max(self.peaks.get(phase, 0.0), self.rss())
+
+    def _sample(self):
+        while self._running:
+            self._note(self.phase)
+            time.sleep(0.002)
+
+    def stop(self):
+        """``{phase: [MB at entry, peak MB]}``, in the order first entered."""
+        self._running = False
+        self._thread.join()
+        self._note(self.phase)
+        return {p: [mb, self.peaks.get(p, mb)] for p, mb in self.entered.items()}
+
+
 def worker(args):
     """Train one variant; print one JSON line of figures."""
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.tmp}/mlflow.db")
+    phases = Phases()
     import keras
     import numpy as np
 
@@ -66,35 +109,50 @@ def worker(args):
     y = rng.integers(0, 10, size=args.images)
     spent = {"passes": 0.0, "weights": 0.0}
     epochs = []
+    phases.enter("fit")
 
-    def timed(owner, name, bucket):
+    def timed(owner, name, bucket=None, phase=None):
+        """``owner.name`` wrapped: its wall time added to ``spent[bucket]``, and
+        the memory it takes counted under ``phase``."""
         original = getattr(owner, name)
 
         def wrapper(*a, **k):
-            start = time.perf_counter()
+            start, outer = time.perf_counter(), phases.enter(phase) if phase else None
             try:
                 return original(*a, **k)
             finally:
-                spent[bucket] += time.perf_counter() - start
+                if bucket:
+                    spent[bucket] += time.perf_counter() - start
+                if phase:
+                    phases.enter(outer)
         setattr(owner, name, wrapper)
 
     from gaptrack import callback, measurement
 
     callbacks = []
     if args.variant == "tracked":
-        timed(measurement.Measurer, "train_mode_pass", "passes")
-        timed(measurement.Measurer, "inference_pass", "passes")
+        timed(measurement.Measurer, "train_mode_pass", "passes", "tracker: the passes")
+        timed(measurement.Measurer, "inference_pass", "passes", "tracker: the passes")
         for module, name in ((callback, "digest"), (measurement, "digest"),  # this branch
                              (callback, "_fingerprint"), (measurement, "_finite_weights")):
             if hasattr(module, name):
                 timed(module, name, "weights")
+        for module, name, phase in ((measurement, "check_labels", "tracker: labels check"),
+                                    (measurement, "_batching_matters", "tracker: batching check"),
+                                    (callback, "digest", "tracker: weights"),
+                                    (callback, "add_measurement", "tracker: decomposition")):
+            if hasattr(module, name):
+                timed(module, name, phase=phase)
+        timed(gaptrack.GapTracker, "on_train_begin", phase="tracker: train begin")
+        timed(gaptrack.GapTracker, "on_train_end", phase="tracker: train end")
         epoch_end = gaptrack.GapTracker.on_epoch_end
         background = BackgroundCPU()
 
         def on_epoch_end(self, epoch, logs=None):
             spent.update(passes=0.0, weights=0.0)
-            start = time.perf_counter()
+            start, outer = time.perf_counter(), phases.enter("tracker: epoch end, besides the passes")
             epoch_end(self, epoch, logs)
+            phases.enter(outer)
             total = time.perf_counter() - start
             epochs.append({"epoch": epoch, "total": total, **spent,
                            "background_cpu": background.read()})
@@ -104,6 +162,7 @@ def worker(args):
     model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
               callbacks=callbacks)
     fit_s = time.perf_counter() - start
+    phases.enter("after the fit")
     reads = []  # the weights' reading alone, after the fit: less noise than one epoch's
     if args.variant == "tracked":
         for _ in range(args.reads):
@@ -116,7 +175,7 @@ def worker(args):
             reads.append(time.perf_counter() - start)
     print(json.dumps({"variant": args.variant, "fit_s": fit_s, "reads": reads,
                       "params": model.count_params(), "epochs": epochs,
-                      "gaptrack": gaptrack.__file__,
+                      "gaptrack": gaptrack.__file__, "phases": phases.stop(),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -142,6 +201,8 @@ def main():
     parser.add_argument("--reads", type=int, default=10,
                         help="times the weights are read again after the fit, to time it alone")
     parser.add_argument("--gaptrack", help="checkout whose gaptrack the workers import")
+    parser.add_argument("--variants", nargs="+", choices=("plain", "tracked"),
+                        default=["plain", "tracked"], help="the workers to run")
     parser.add_argument("--worker", choices=("plain", "tracked"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,7 +211,10 @@ def main():
         return worker(args)
 
     with tempfile.TemporaryDirectory(prefix="gaptrack-scale-") as tmp:
-        results = {v: run(v, args, tmp) for v in ("plain", "tracked")}
+        results = {v: run(v, args, tmp) for v in args.variants}
+    if "plain" not in results:  # figures of the tracked worker alone
+        print(json.dumps(results["tracked"]["phases"]))
+        return
     tracked = results["tracked"]
     print(f"ConvNeXtBase, {tracked['params']:,} parameters; {args.images} images of "
           f"{args.size}x{args.size}, batch {args.batch_size}, {args.epochs} epochs; "
@@ -168,10 +232,14 @@ def main():
               f"(target <= {TARGET_MS:.0f} ms); the first includes tracing the weights' "
               "reduction")
     reads = sorted(tracked["reads"])
-    print(f"reading the weights (fingerprint + finiteness) alone, {len(reads)} times after the "
+    print(f"reading the weights (a sample: fingerprint + finiteness) alone, {len(reads)} times after the "
           f"fit: median {1000 * reads[len(reads) // 2]:.1f} ms, fastest {1000 * reads[0]:.1f} ms")
     plain = results["plain"]
     print(f"fit: plain {plain['fit_s']:.1f} s, tracked {tracked['fit_s']:.1f} s")
+    print("resident set by phase, MB (at first entry / peak in it):")
+    for name, figures in results.items():
+        print(f"  {name}: " + "; ".join(f"{p} {a:,.0f} / {b:,.0f}"
+                                       for p, (a, b) in figures["phases"].items()))
     print(f"peak RSS: plain {plain['peak_rss_mb']:,.0f} MB, tracked "
           f"{tracked['peak_rss_mb']:,.0f} MB (+{tracked['peak_rss_mb'] - plain['peak_rss_mb']:,.0f}"
           " MB)")

@@ -205,6 +205,25 @@ def inference_output(model, x):
     return y_pred
 
 
+def output_shapes(model, x):
+    """The model's inference outputs for inputs shaped as ``x``, traced
+    symbolically (``compute_output_spec``: nothing computed, compiled or kept);
+    the eager :func:`inference_output` where symbolic tracing fails (a subclassed
+    model's ``call`` that needs values). Leaves have ``.shape``; Keras masks are
+    not traced symbolically, see :func:`output_has_mask`."""
+    import keras
+    from keras import tree
+
+    kwargs = {"training": False} if model._call_has_training_arg else {}
+    try:
+        symbolic = tree.map_structure(
+            lambda a: keras.KerasTensor(np.shape(a),
+                                        dtype=keras.backend.standardize_dtype(a.dtype)), x)
+        return model.compute_output_spec(symbolic, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure of the symbolic trace: trace with values
+        return inference_output(model, x)
+
+
 def output_has_mask(model, x):
     """Whether the model's output carries a Keras mask (``Embedding(mask_zero=True)``,
     ``Masking``... on the output path), read from one stateless inference call on ``x``."""

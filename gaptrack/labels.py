@@ -89,7 +89,7 @@ def check_labels(model, probe, loss=None):
     if not model.built or _own_loss(model, loss):
         return
     x, _, _ = next(probe.batches(1))
-    for name, labels, output in _pairs(model, probe.y, keras_private.inference_output(model, x)):
+    for name, labels, output in _pairs(model, probe.y, keras_private.output_shapes(model, x)):
         label_shape = tuple(np.shape(labels))
         output_shape = (probe.size,) + tuple(output.shape[1:])
         shape = comparison(label_shape, output_shape)

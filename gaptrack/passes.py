@@ -249,6 +249,7 @@ class CompiledPasses:
 
         Only for a single output with one compiled loss (the per-sample values
         of several weighted outputs are not defined by Keras); else ``None``.
+        A loss returning one value a batch leaves the moments as they are.
         """
         from keras import ops, tree
 
@@ -257,6 +258,8 @@ class CompiledPasses:
             return None
         dtype = moments[0].dtype
         values = ops.cast(loss_fn.call(y, y_pred), dtype)
+        if len(values.shape) == 0:  # a loss that averages the batch itself: no per-sample
+            return moments          # values, so no noise estimate (n stays 0)
         if len(values.shape) > 1:
             values = ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=1)
         if sw is not None:

@@ -4,6 +4,7 @@ behaves as the measurement relies on."""
 import re
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from builders import blobs, mlp
@@ -70,3 +71,28 @@ def test_unoptimized_calls_are_this_threads_and_end_with_the_block():
         other.join()
     assert seen == {"inside": True, "other": False}
     assert context.context().function_call_options is before and not meta_optimizer_off()
+
+
+class _NeedsValues(keras.Model):
+    """A subclassed model whose call reads its input's values: it cannot be traced
+    symbolically."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x) * float(keras.ops.convert_to_numpy(keras.ops.max(x)) > -1e9)
+
+
+def test_output_shapes_are_traced_symbolically_and_with_values_where_they_must():
+    """The labels check reads only the outputs' shapes: traced symbolically (no
+    computation, nothing compiled), the same shapes as the eager inference call;
+    a model that needs values is called with them."""
+    x, _ = blobs(4)
+    for model in (mlp(), _NeedsValues()):
+        model(x)
+        shapes = keras_private.output_shapes(model, x[:1])
+        called = keras_private.inference_output(model, x[:1])
+        assert tuple(shapes.shape) == tuple(called.shape) == (1, 3)
+        assert isinstance(shapes, keras.KerasTensor) == isinstance(model, keras.Sequential)

@@ -401,3 +401,26 @@ def test_a_measurement_shows_its_numbers_not_its_arrays():
     assert len(page) < 4000 and "on 256 samples, training batch size 64" in page
     for name in ("loss", "accuracy"):
         assert f">{m.train_mode[name]:.4g}<" in page and f">{m.eval_train[name]:.4g}<" in page
+
+
+def test_a_loss_that_averages_the_batch_itself_is_measured_without_a_noise_estimate():
+    """A user's loss returning one value a batch (no per-sample values): eval_train
+    as evaluate() gives it (the mean of the batches' values), and no standard
+    error, since there are no per-sample losses to take it from (it crashed)."""
+    keras.utils.set_random_seed(0)
+    x, y = blobs(64)
+    onehot = keras.utils.to_categorical(y, 3)
+    model = mlp(bn=True)
+
+    def batch_loss(y_true, y_pred):
+        return ops.mean(keras.losses.categorical_crossentropy(y_true, y_pred))
+
+    model.compile("adam", batch_loss)
+    model.fit(x, onehot, batch_size=16, epochs=1, verbose=0)
+    m = gaptrack.measure(model, (x, onehot), batch_size=16)
+    evaluated = model.evaluate(x, onehot, verbose=0, return_dict=True)["loss"]
+    assert m.eval_train["loss"] == pytest.approx(evaluated, rel=1e-6)
+    per_batch = [float(batch_loss(onehot[i:i + 16], model(x[i:i + 16], training=False)))
+                 for i in range(0, 64, 16)]
+    assert m.eval_train["loss"] == pytest.approx(np.mean(per_batch), rel=1e-6)
+    assert m.loss_standard_error is None

@@ -7,39 +7,60 @@ import pytest
 
 import gaptrack
 from builders import blobs, mlp
-from gaptrack.weights import digest
+from gaptrack.weights import SAMPLE, digest, sampled_indices
 
 
 def numpy_digest(model):
-    """(finite, per-variable wrapped int32 sums of the float32 bits), in numpy."""
-    values = [v.numpy() for v in model.weights]
-    finite = all(np.isfinite(a).all() for a in values)
-    sums = [np.sum(a.view(np.int32), dtype=np.int32) for a in values]
+    """(finite, per-variable wrapped int32 sums of the float32 bits of every
+    ``ceil(size / SAMPLE)``-th value), in numpy."""
+    values = [v.numpy().ravel() for v in model.weights]
+    samples = [a[::max(1, -(-a.size // SAMPLE))] for a in values]
+    finite = all(np.isfinite(a).all() for a in samples)
+    sums = [np.sum(a.view(np.int32), dtype=np.int32) for a in samples]
     return finite, np.array(sums, dtype=np.int32).tobytes()
 
 
-def test_digest_is_the_bit_sums_and_finiteness_numpy_computes():
+def test_digest_is_the_bit_sums_and_finiteness_of_the_sample_numpy_computes():
     keras.utils.set_random_seed(0)
-    model = mlp(bn=True)
-    model(blobs(8)[0])
+    x, y = blobs(64)
+    model = mlp(width=100, bn=True)  # the 100 x 100 kernel (10,000 values) is sampled
+    model(x[:1])
+    kernel = model.layers[2].kernel
+    assert kernel.shape == (100, 100) and len(sampled_indices(10_000)) == 3334 <= SAMPLE
+    assert max(len(sampled_indices(int(np.prod(v.shape)))) for v in model.weights) <= SAMPLE
     first = digest(model)
     assert (first.finite, first.fingerprint) == numpy_digest(model)
     weights = model.get_weights()
+    k = [w.shape for w in weights].index((100, 100))
 
     nudged = [w.copy() for w in weights]
-    nudged[0].flat[5] = np.nextafter(nudged[0].flat[5], np.float32(np.inf))  # one ulp
+    nudged[k].flat[3] = np.nextafter(nudged[k].flat[3], np.float32(np.inf))  # one ulp, sampled
     model.set_weights(nudged)
     assert digest(model).fingerprint != first.fingerprint
     assert digest(model).fingerprint == numpy_digest(model)[1]
+    # what the sample cannot see: a value between the sampled ones
+    between = [w.copy() for w in weights]
+    between[k].flat[4] += 1.0
+    model.set_weights(between)
+    assert 4 not in sampled_indices(10_000)
+    assert digest(model) == first and numpy_digest(model)[1] == first.fingerprint
 
     for bad in (np.nan, np.inf):
         broken = [w.copy() for w in weights]
-        broken[2].flat[0] = bad  # the first BN layer's gamma
+        broken[2].flat[0] = bad  # the first BN layer's gamma, read whole
         model.set_weights(broken)
         assert digest(model).finite is False
         assert numpy_digest(model)[0] is False
 
     model.set_weights(weights)  # put back, as EarlyStopping restores
+    assert digest(model) == first
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # one epoch changes every variable's sample
+    trained = digest(model)
+    assert trained.fingerprint == numpy_digest(model)[1]
+    per_variable = np.frombuffer(trained.fingerprint, np.int32) != np.frombuffer(first.fingerprint,
+                                                                                  np.int32)
+    assert per_variable[[i for i, v in enumerate(model.weights) if v.trainable]].all()
+    model.set_weights(weights)
     assert digest(model) == first
 
 
