@@ -111,40 +111,39 @@ def worker(args):
     epochs = []
     phases.enter("fit")
 
-    def timed(owner, name, bucket=None, phase=None):
-        """``owner.name`` wrapped: its wall time added to ``spent[bucket]``, and
-        the memory it takes counted under ``phase``."""
+    def timed(owner, name, bucket, phase):
+        """``owner.name`` wrapped: its wall time added to ``spent[bucket]`` (unless
+        ``None``), and the memory it takes counted under ``phase``."""
         original = getattr(owner, name)
 
         def wrapper(*a, **k):
-            start, outer = time.perf_counter(), phases.enter(phase) if phase else None
+            start, outer = time.perf_counter(), phases.enter(phase)
             try:
                 return original(*a, **k)
             finally:
                 if bucket:
                     spent[bucket] += time.perf_counter() - start
-                if phase:
-                    phases.enter(outer)
+                phases.enter(outer)
         setattr(owner, name, wrapper)
 
     from gaptrack import callback, measurement
 
     callbacks = []
     if args.variant == "tracked":
-        timed(measurement.Measurer, "train_mode_pass", "passes", "tracker: the passes")
-        timed(measurement.Measurer, "inference_pass", "passes", "tracker: the passes")
-        for module, name in ((callback, "digest"), (measurement, "digest"),  # this branch
-                             (callback, "_fingerprint"), (measurement, "_finite_weights")):
-            if hasattr(module, name):
-                timed(module, name, "weights")
-        for module, name, phase in ((measurement, "check_labels", "tracker: labels check"),
-                                    (measurement, "_batching_matters", "tracker: batching check"),
-                                    (callback, "digest", "tracker: weights"),
-                                    (callback, "add_measurement", "tracker: decomposition")):
-            if hasattr(module, name):
-                timed(module, name, phase=phase)
-        timed(gaptrack.GapTracker, "on_train_begin", phase="tracker: train begin")
-        timed(gaptrack.GapTracker, "on_train_end", phase="tracker: train end")
+        for owner, name, bucket, phase in (
+                (measurement.Measurer, "train_mode_pass", "passes", "tracker: the passes"),
+                (measurement.Measurer, "inference_pass", "passes", "tracker: the passes"),
+                (callback, "digest", "weights", "tracker: weights"),  # this branch
+                (measurement, "digest", "weights", "tracker: weights"),
+                (callback, "_fingerprint", "weights", "tracker: weights"),  # before it
+                (measurement, "_finite_weights", "weights", "tracker: weights"),
+                (measurement, "check_labels", None, "tracker: labels check"),
+                (measurement, "_batching_matters", None, "tracker: batching check"),
+                (callback, "add_measurement", None, "tracker: decomposition"),
+                (gaptrack.GapTracker, "on_train_begin", None, "tracker: train begin"),
+                (gaptrack.GapTracker, "on_train_end", None, "tracker: train end")):
+            if hasattr(owner, name):  # the names of this checkout, or of an earlier one
+                timed(owner, name, bucket, phase)
         epoch_end = gaptrack.GapTracker.on_epoch_end
         background = BackgroundCPU()
 

@@ -296,7 +296,6 @@ class GapTracker(keras.callbacks.Callback):
                 if measurement is not None and self.bn_snapshots and measurement.bn:
                     from gaptrack.snapshots import snapshot_frame
 
-
                     self.logger.log_table(snapshot_frame(step, measurement.bn),
                                           keys.snapshot_path(step))
                 self.logger.log_metrics(keys.epoch_metrics(record), step=step)

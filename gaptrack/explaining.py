@@ -14,6 +14,7 @@ Example:
     >>> gaptrack.explain(model, (x, y), batch_size=1024, history=h)   # displays in Jupyter
 """
 
+import keras
 from keras import tree
 
 from gaptrack import keras_private
@@ -89,8 +90,6 @@ def _fit_side(history, model):
     """``(fit, val, epoch)`` of the last epoch of ``history``: ``{name: value}``
     without and with the ``val_`` prefix, and the epoch's index (``None`` for one
     epoch's logs); ``(None, {}, None)`` without a history."""
-    import keras
-
     if history is None:
         return None, {}, None
     epochs = None

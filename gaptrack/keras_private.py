@@ -42,6 +42,13 @@ def compile_signature(model):
             len(model.non_trainable_variables), len(model.metrics_variables))
 
 
+def loss_signature(model):
+    """What the labels check depends on besides the outputs: the compiled loss
+    (a new one after ``compile()``). Stable from ``compile()`` to the end of ``fit``,
+    unlike :func:`compile_signature`, which the first train step's metrics change."""
+    return id(model._compile_loss)
+
+
 def seed_indices(model):
     """Indices, in ``model.non_trainable_variables``, of the seed generators'
     states (Dropout's among them)."""

@@ -29,10 +29,18 @@ from Keras) may read its labels any way it likes, e.g. ``(n, 2)`` holding a
 label and a weight: then the labels are not checked.
 """
 
+import weakref
+
 import numpy as np
 
 from gaptrack import keras_private
 from gaptrack.probe import ProbeError
+
+
+#: ``{model: (weak reference to the probe, loss, loss signature)}`` of the last
+#: labels found fine: the tracker checks before its run starts and the Measurer
+#: before it measures, and the second finds the first's answer here.
+_CHECKED = weakref.WeakKeyDictionary()
 
 
 class LabelShapeError(ProbeError):
@@ -88,6 +96,11 @@ def check_labels(model, probe, loss=None):
     """
     if not model.built or _own_loss(model, loss):
         return
+    signature = keras_private.loss_signature(model)
+    checked, checked_loss, checked_signature = _CHECKED.get(model, (None, None, None))
+    if checked is not None and checked() is probe and checked_loss is loss \
+            and checked_signature == signature:
+        return
     x, _, _ = next(probe.batches(1))
     for name, labels, output in _pairs(model, probe.y, keras_private.output_shapes(model, x)):
         label_shape = tuple(np.shape(labels))
@@ -106,6 +119,7 @@ def check_labels(model, probe, loss=None):
             "together (and fit() and evaluate() would agree on them). Accepted labels for "
             f"this output: {' or '.join(map(str, accepted(output_shape)))}{reshape}"
         )
+    _CHECKED[model] = (weakref.ref(probe), loss, signature)
 
 
 def _own_loss(model, loss):

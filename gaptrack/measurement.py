@@ -192,8 +192,6 @@ class Measurer:
         #: for the layout it was found for.
         self._batching_matters = None
         self._layout = None
-        #: The probe whose labels were checked against the outputs (:mod:`gaptrack.labels`).
-        self._checked = None
 
     def _compiled(self, probe):
         """The model's compiled passes (:func:`gaptrack.passes.compiled_passes`),
@@ -204,10 +202,7 @@ class Measurer:
         if layout != self._layout:
             self._layout = layout
             self._batching_matters = None
-            self._checked = None
-        if probe is not self._checked:  # before any number: labels that broadcast
-            check_labels(self.model, probe, self.loss)
-            self._checked = probe
+        check_labels(self.model, probe, self.loss)  # before any number: labels that broadcast
         return compiled.compiled_passes(self.model, self.bn_layers, self.batch_size, layout,
                                         self.shards, self.loss)
 

@@ -26,6 +26,7 @@ reads ``0.0000``), and a value that rounds to zero is written without a sign
 import io
 import math
 
+import numpy as np
 import pandas as pd
 
 #: Significant digits of a column's largest magnitude.
@@ -71,15 +72,15 @@ def select(ranking, columns=(), params=()):
     return ranking[chosen].rename(columns=lambda c: c.removeprefix("params."))
 
 
-def format_column(values, digits=DIGITS):
+def format_column(values):
     """``values`` (numbers) as strings with one number of decimals (see the module
     docstring); NaN and missing values are empty."""
     values = pd.to_numeric(pd.Series(values), errors="coerce")
     if values.dtype.kind in "iu":
         return [str(v) for v in values]
-    finite = values[values.map(math.isfinite, na_action="ignore").fillna(False).astype(bool)]
+    finite = values[np.isfinite(values)]
     largest = finite.abs().max() if len(finite) else 0.0
-    decimals = 0 if not largest else digits - 1 - math.floor(math.log10(largest))
+    decimals = 0 if not largest else DIGITS - 1 - math.floor(math.log10(largest))
     decimals = min(max(decimals, 0), MAX_DECIMALS)
 
     def text(value):
@@ -104,9 +105,10 @@ def terminal(table, width=None):
     """``table`` (e.g. from :func:`select`) as a text table at most ``width``
     characters wide (default: the terminal's width, ``COLUMNS``, else 80).
 
-    Numbers are never cut: text columns are narrowed first (cut with an
-    ellipsis), and when the numbers alone do not fit, the last numeric columns
-    are left out (the table's caption says which)."""
+    Numbers are never cut, nor text of at most 8 characters (a status, a short
+    parameter): longer text columns are narrowed first (cut with an ellipsis),
+    and when the rest does not fit, the last numeric columns are left out (the
+    table's caption says which)."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -117,8 +119,8 @@ def terminal(table, width=None):
                       legacy_windows=False)
     cells = _cells(table)
     numeric = {c for c in cells if table[c].dtype.kind in "iuf"}
-    widths = {c: max(map(len, [c, *texts])) if c in numeric else min(len(c), 8)
-              for c, texts in cells.items()}
+    widths = {c: max(map(len, [c, *texts])) if c in numeric
+              else min(max(map(len, [c, *texts])), 8) for c, texts in cells.items()}
     shown = list(cells)
     while len(shown) > 2 and sum(widths[c] + 1 for c in shown) - 1 > console.width:
         # the last number goes first: the diagnosis names the part that dominates

@@ -14,7 +14,6 @@ Files logged under ``gaptrack/report/`` (:meth:`Rendering.artifacts`):
 import base64
 import html
 import re
-from functools import cached_property
 
 from gaptrack import charts
 from gaptrack.keys import DECOMPOSITION_PNG, REPORT_FILES, STALENESS_PNG
@@ -45,21 +44,31 @@ class Rendering:
 
     def __init__(self, report):
         self.report = report
+        self._pngs = {}
 
     @property
     def _title(self):
         name = self.report.history.run_name
         return "Why fit() and evaluate() disagree" + (f": run {name}" if name else "")
 
-    @cached_property
+    @property
     def images(self):
         """``{file name: PNG bytes}``: the decomposition, and BN staleness when there is BN."""
-        history, probe_size = self.report.history, self.report.evidence.probe_size
-        images = {DECOMPOSITION_PNG: charts.png(charts.decomposition_figure(history, probe_size))}
-        if self.report.bn_layers:
-            images[STALENESS_PNG] = charts.png(
-                charts.staleness_figure(history, self.report.bn_layers))
-        return images
+        return {name: self._png(name) for name in self._image_names()}
+
+    def _image_names(self):
+        return [DECOMPOSITION_PNG] + ([STALENESS_PNG] if self.report.bn_layers else [])
+
+    def _png(self, name):
+        """One chart's PNG, drawn when first asked for (a notebook's display shows
+        the decomposition only)."""
+        if name not in self._pngs:
+            history = self.report.history
+            self._pngs[name] = charts.png(
+                charts.decomposition_figure(history, self.report.evidence.probe_size)
+                if name == DECOMPOSITION_PNG
+                else charts.staleness_figure(history, self.report.bn_layers))
+        return self._pngs[name]
 
     def _table_markdown(self):
         header, cells = self.report.table()
@@ -88,7 +97,7 @@ class Rendering:
                  report.sentence, *_spaced(self._context()), "",
                  f"**What to do:** {report.remedy}", "", *self._table_markdown(), "", report.note]
         if images:
-            lines += ["", *(f"![{name[:-4]}]({name})" for name in self.images)]
+            lines += ["", *(f"![{name[:-4]}]({name})" for name in self._image_names())]
         return "\n".join(lines) + "\n"
 
     def text(self, width=None):
@@ -117,9 +126,8 @@ class Rendering:
             lines = head + table.splitlines() + tail
         return "\n".join(lines[:TEXT_LINES]) + "\n"
 
-
     def _img(self, name):
-        data = base64.b64encode(self.images[name]).decode("ascii")
+        data = base64.b64encode(self._png(name)).decode("ascii")
         title = html.escape(_TITLES[name])
         return (f'<img alt="{title}" title="{title}" style="{_STYLE["chart"]}" '
                 f'src="data:image/png;base64,{data}">')
@@ -133,7 +141,7 @@ class Rendering:
         run = (f' <span style="{_STYLE["note"]}">(run <code style="{_STYLE["code"]}">'
                f'{e(report.history.run_id)}</code>)</span>' if report.history.run_id else "")
         context = "".join(f'<p class="context">{e(c)}</p>' for c in self._context())
-        figures = "".join(self._img(name) for name in images if name in self.images)
+        figures = "".join(self._img(name) for name in images if name in self._image_names())
         return (f'<div class="gaptrack-report">'
                 f'<p class="diagnosis"><b>gaptrack diagnosis:</b> '
                 f'<span style="{_STYLE["cause"]}">{e(report.diagnosis)}</span>{run}</p>'
@@ -152,7 +160,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 1.5rem aut
        padding: 0 1rem; line-height: 1.45; }}
 </style></head><body>
 <h1>{title}</h1>
-{self.fragment(images=tuple(self.images))}
+{self.fragment(images=tuple(self._image_names()))}
 </body></html>
 """
 

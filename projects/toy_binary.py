@@ -137,7 +137,7 @@ def fit(model, data, config, track):
             logged = tracker.log_epoch(step, logs)
             p = float(np.mean(y))
             if before["binary_accuracy"] == after["binary_accuracy"] == 1.0:
-                perfect.setdefault(int(y.sum()), []).append(logs[f"{BROADCAST_ACCURACY}_before"])
+                perfect.setdefault(int(y.sum()), []).append(broadcast_before)
             if step % max(1, iterations // 10) == 0 or step == iterations - 1:
                 print(f"iteration {step}: train_on_batch accuracy "
                       f"{logs['binary_accuracy']:.3f} (before the update, 32 points), "

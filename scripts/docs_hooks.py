@@ -73,10 +73,9 @@ def on_page_content(html, page, config, files):
 def public_names():
     """``gaptrack.__all__`` without the dunders, each with the module defining it."""
     gaptrack = importlib.import_module("gaptrack")
-    lazy = getattr(gaptrack, "_PUBLIC", {})  # name -> module, without importing Keras
     names = sorted((n for n in gaptrack.__all__ if not n.startswith("__")), key=str.lower)
-    return gaptrack.__version__, [(n, lazy.get(n) or getattr(gaptrack, n).__module__)
-                                  for n in names]
+    # gaptrack._PUBLIC maps every public name to its module, without importing Keras
+    return gaptrack.__version__, [(n, gaptrack._PUBLIC[n]) for n in names]
 
 
 def api_page():

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from _server import start_server, stop_server  # noqa: E402
-from browser import CHROMEDRIVER, CHROMIUM, chromium  # noqa: E402
+from browser import CHROMEDRIVER, CHROMIUM, chromium, installed  # noqa: E402
 
 DESCRIPTION = "//*[@data-testid='note-editor-preview-content']"
 ASSISTANT_CLOSE = ("//*[normalize-space(text())='MLflow Assistant']/ancestor::*"
@@ -83,9 +83,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "images" / "run_page.png")
     args = parser.parse_args()
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.path.exists(path):
-            sys.exit(f"needs Debian's chromium and chromium-driver: {path} is missing")
+    if not installed():
+        sys.exit(f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER})")
     with tempfile.TemporaryDirectory(prefix="gaptrack-shot-") as tmp:
         tmp = Path(tmp)
         os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"

@@ -174,7 +174,10 @@ def test_readme_is_short_and_ci_reads_its_test_command():
     sed = subprocess.run(["sed", "-n", "/<!-- test-command -->/{n;n;p;q}", "README.md"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     assert sed == block == "pip install -e '.[test]' && python -m pytest -q"
-    assert "mkdocs build --strict" in (ROOT / ".ci" / "run").read_text()
+    docs = readme.split("<!-- docs-command -->\n```bash\n", 1)[1].split("\n", 1)[0]
+    assert docs.endswith("mkdocs build --strict")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'bash -c "$test_command"' in ci and 'bash -c "$docs_command"' in ci
 
 
 def test_version_moves_with_the_changelog():

@@ -68,7 +68,8 @@ def test_without_a_history_it_says_what_the_weights_tell(trained):
         assert row["mode"] == measured.train_mode[m] - measured.precise_bn[m]
         assert row["bn_ema"] == measured.precise_bn[m] - measured.eval_train[m]
     parts = frame.loc["loss", ["mode", "bn_ema"]]
-    within = parts.abs().max() <= frame.loc["loss", "noise"]
+    assert report.evidence.noise == frame.loc["loss", "noise"]
+    within = parts.abs().max() <= report.evidence.threshold  # z standard errors
     assert report.diagnosis == ("none" if within else parts.abs().idxmax())
     s = report.sentence
     assert s.startswith("Without fit()'s own numbers (pass history= to measure drift too)")

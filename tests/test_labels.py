@@ -179,3 +179,26 @@ def test_comparison_is_larger_only_for_broadcasting_shapes():
     assert accepted((32, 5)) == [(32, 5), (32,), (32, 1)]
     assert comparison((32, 1), (32, 5)) is None  # class indices: 32 × 5, the output's size
     assert comparison((32, 3), (32, 5)) is None  # not broadcastable: Keras refuses it itself
+
+
+def test_a_tracked_fit_reads_the_outputs_shapes_once_and_a_recompile_again(sqlite_uri,
+                                                                            monkeypatch):
+    """The tracker checks the labels before its run starts, the measurement before
+    its first number: the second finds the first's answer (the outputs' shapes are
+    read once); recompiled, the model is checked again."""
+    from gaptrack import keras_private
+
+    traced = []
+    original = keras_private.output_shapes
+    monkeypatch.setattr(keras_private, "output_shapes",
+                        lambda model, x: traced.append(model) or original(model, x))
+    x, y = two_clusters()
+    model = binary_model()
+    tracker = gaptrack.GapTracker((x, y), batch_size=8)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[tracker])
+    assert traced == [model] and [r.step for r in tracker.records if r.eval_train] == [0, 1]
+    model.compile("adam", "mse", metrics=["binary_accuracy"])  # mse takes (n, 2) labels
+    with pytest.raises(LabelShapeError, match=r"labels of shape \(32, 2\)"):
+        gaptrack.measure(model, (x, np.stack([y, y], axis=1)))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[tracker])
+    assert traced == [model] * 3  # the wide labels, then the recompiled model's own

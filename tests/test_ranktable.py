@@ -51,6 +51,8 @@ def test_the_terminal_table_fits_its_width_and_never_cuts_a_number(width):
     for name in set(columns) & {"fit", "eval_train", "gap", "drift", "mode", "bn_ema"}:
         cells = [row[columns.index(name)] for row in rows]
         assert cells == format_column(frame[name])
+    for name, value in (("status", "FINISHED"), ("lr", "0.1")):  # 8 characters or fewer: whole
+        assert {row[columns.index(name)] for row in rows} == {value}
 
 
 def test_unknown_columns_are_named_with_those_accepted():
